@@ -1,0 +1,41 @@
+"""Stage 0: the attention score of each visual token (SPEC.md, "Where it runs").
+
+a_i = mean_h softmax_j(scale * q_h . k_j)[vis_start + i]: the post-softmax attention of the last input
+token, over all N keys (so `a` does not sum to 1 over the visual span), averaged over the query heads.
+Computed from q of the last token and the layer's keys: no N x N matrix.
+"""
+
+import torch
+
+
+def last_query_attention(
+    q: torch.Tensor, k: torch.Tensor, vis_start: int, vis_len: int, scale: float
+) -> torch.Tensor:
+    """q [B, Hq, d] (the last token's queries), k [B, Hk, N, d] -> a [B, vis_len] float32.
+
+    Grouped-query attention: Hq = g * Hk, query head h reads key head h // g. Keys after RoPE,
+    exactly as the attention kernel sees them. Computed in float64.
+    """
+    batch, heads_q, head_dim = q.shape
+    heads_k, num_keys = k.shape[1], k.shape[2]
+    group = heads_q // heads_k
+    keys = k.double().repeat_interleave(group, dim=1)                     # [B, Hq, N, d]
+    logits = torch.einsum("bhd,bhnd->bhn", q.double(), keys) * scale       # [B, Hq, N]
+    probs = torch.softmax(logits, dim=-1).mean(dim=1)                     # [B, N]
+    return probs[:, vis_start : vis_start + vis_len].float()
+
+
+def eager_last_query_attention(
+    q_all: torch.Tensor, k: torch.Tensor, vis_start: int, vis_len: int, scale: float
+) -> torch.Tensor:
+    """The authors' route: the full causal N x N attention matrix (eager attention), then its last row.
+
+    q_all [B, Hq, N, d], k [B, Hk, N, d] -> a [B, vis_len] float32. A baseline for benchmarks.
+    """
+    group = q_all.shape[1] // k.shape[1]
+    keys = k.repeat_interleave(group, dim=1)
+    logits = q_all @ keys.transpose(-1, -2) * scale                        # [B, Hq, N, N]
+    n = logits.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
+    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    return probs[:, :, -1, vis_start : vis_start + vis_len].mean(dim=1).float()
