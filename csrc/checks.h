@@ -1,0 +1,166 @@
+// Argument checks and stage sizes shared by every kernel (CPU, CUDA, Meta) of the tokencarve ops.
+// Every check reads only metadata (shape, dtype, device): none of them syncs with a device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <optional>
+#include <string_view>
+
+namespace tokencarve {
+
+constexpr const char* kCarve = "tokencarve::carve";
+constexpr const char* kInfo = "tokencarve::info_scores";
+constexpr const char* kLqa = "tokencarve::last_query_attention";
+constexpr const char* kSelect = "tokencarve::select";
+constexpr const char* kMerge = "tokencarve::merge";
+
+// Sizes of every stage for one image (SPEC.md; python_ref.budget_split), a pure function of (Nv, T).
+struct BudgetSplit {
+  int64_t t_out;  // tokens out of carve: min(budget, Nv)
+  int64_t k1;     // stage-I survivors: min(int(1.5 T), Nv), or Nv when T >= Nv
+  int64_t n_a;    // merge destinations (set A): int(K1 / 2)
+  int64_t r;      // sources merged in stage II: K1 - T_out
+};
+
+inline BudgetSplit budget_split(int64_t num_visual, int64_t budget) {
+  if (budget >= num_visual) return {num_visual, num_visual, num_visual / 2, 0};
+  const int64_t k1 = std::min((3 * budget) / 2, num_visual);
+  return {budget, k1, k1 / 2, k1 - budget};
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
+                   t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be a ", dim, "-D tensor ", layout, ", got ",
+                    t.dim(), "-D with shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b,
+                              const char* op) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_a, " and ", name_b,
+                    " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+inline void check_budget(int64_t budget, const char* op) {
+  TORCH_CHECK_VALUE(budget >= 1, op, ": budget must be >= 1, got ", budget);
+}
+
+inline void check_attn_weight(double attn_weight, const char* op) {
+  TORCH_CHECK_VALUE(attn_weight >= 0.0 && attn_weight <= 1.0, op, ": attn_weight must be in [0, 1], got ",
+                    attn_weight);
+}
+
+inline void check_rank_seed(int64_t rank, int64_t seed, const char* op) {
+  TORCH_CHECK_VALUE(rank >= 0, op, ": rank must be >= 0 (0 = exact scores), got ", rank);
+  TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be >= 0, got ", seed);
+}
+
+enum class MergeMode { kMean = 0, kSimilarity = 1, kSize = 2 };
+
+inline MergeMode parse_merge_mode(std::string_view mode, const char* op) {
+  if (mode == "mean") return MergeMode::kMean;
+  if (mode == "similarity") return MergeMode::kSimilarity;
+  if (mode == "size") return MergeMode::kSize;
+  TORCH_CHECK_VALUE(false, op, ": merge must be one of 'mean', 'similarity', 'size', got '", mode, "'");
+}
+
+// hidden [B, Nv, D] floating.
+inline void check_hidden(const at::Tensor& hidden, const char* op) {
+  check_dim(hidden, 3, op, "hidden", "[B, Nv, D]");
+  check_float(hidden, op, "hidden");
+}
+
+// A per-token score [B, Nv] matching hidden (or another score).
+inline void check_score(const at::Tensor& score, const char* name, int64_t batch, int64_t num_visual,
+                        const char* op) {
+  check_dim(score, 2, op, name, "[B, Nv]");
+  check_float(score, op, name);
+  TORCH_CHECK_VALUE(score.size(0) == batch && score.size(1) == num_visual, op, ": ", name,
+                    " must have shape [B, Nv] = [", batch, ", ", num_visual, "], got ", score.sizes());
+}
+
+// order [B, K1] int64, as returned by select for (Nv, budget).
+inline void check_order(const at::Tensor& order, int64_t batch, int64_t k1, const char* op) {
+  check_dim(order, 2, op, "order", "[B, K1]");
+  TORCH_CHECK_TYPE(order.scalar_type() == at::kLong, op, ": order must be int64, got ", order.scalar_type());
+  TORCH_CHECK_VALUE(order.size(0) == batch && order.size(1) == k1, op,
+                    ": order must have shape [B, K1] = [", batch, ", ", k1,
+                    "] (K1 = min(int(1.5 * budget), Nv), as select returns), got ", order.sizes());
+}
+
+// ---- One check per op, called by that op's kernel on every device. ----
+
+inline void check_info_scores(const at::Tensor& hidden, int64_t rank, int64_t seed) {
+  check_hidden(hidden, kInfo);
+  check_rank_seed(rank, seed, kInfo);
+}
+
+inline void check_select(const at::Tensor& attn, const at::Tensor& info, int64_t budget, double attn_weight) {
+  check_dim(attn, 2, kSelect, "attn", "[B, Nv]");
+  check_float(attn, kSelect, "attn");
+  check_score(info, "info", attn.size(0), attn.size(1), kSelect);
+  check_same_device(attn, "attn", info, "info", kSelect);
+  check_budget(budget, kSelect);
+  check_attn_weight(attn_weight, kSelect);
+}
+
+inline MergeMode check_merge(const at::Tensor& hidden, const at::Tensor& order, int64_t budget,
+                             std::string_view mode, const std::optional<at::Tensor>& sizes) {
+  check_hidden(hidden, kMerge);
+  check_budget(budget, kMerge);
+  const MergeMode parsed = parse_merge_mode(mode, kMerge);
+  const int64_t batch = hidden.size(0), num_visual = hidden.size(1);
+  check_order(order, batch, budget_split(num_visual, budget).k1, kMerge);
+  check_same_device(hidden, "hidden", order, "order", kMerge);
+  if (sizes.has_value()) {
+    check_score(*sizes, "sizes", batch, num_visual, kMerge);
+    check_same_device(hidden, "hidden", *sizes, "sizes", kMerge);
+  }
+  return parsed;
+}
+
+inline void check_carve(const at::Tensor& hidden, const at::Tensor& attn, int64_t budget, double attn_weight,
+                        int64_t rank, int64_t seed, std::string_view merge) {
+  check_hidden(hidden, kCarve);
+  check_score(attn, "attn", hidden.size(0), hidden.size(1), kCarve);
+  check_same_device(hidden, "hidden", attn, "attn", kCarve);
+  check_budget(budget, kCarve);
+  check_attn_weight(attn_weight, kCarve);
+  check_rank_seed(rank, seed, kCarve);
+  parse_merge_mode(merge, kCarve);
+}
+
+// q [B, Hq, d], k [B, Hk, N, d], the visual span inside the N keys.
+inline void check_last_query_attention(const at::Tensor& q, const at::Tensor& k, int64_t vis_start,
+                                       int64_t vis_len, double scale) {
+  const char* op = kLqa;
+  check_dim(q, 3, op, "q", "[B, Hq, d]");
+  check_dim(k, 4, op, "k", "[B, Hk, N, d]");
+  check_float(q, op, "q");
+  check_float(k, op, "k");
+  check_same_device(q, "q", k, "k", op);
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type(), op, ": q and k must have the same dtype, got ",
+                   q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0), op, ": q and k must have the same batch size, got ", q.size(0),
+                    " and ", k.size(0));
+  TORCH_CHECK_VALUE(q.size(2) == k.size(3), op, ": q and k must have the same head dim, got ", q.size(2),
+                    " and ", k.size(3));
+  TORCH_CHECK_VALUE(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
+                    ": the number of query heads Hq must be a positive multiple of the key heads Hk, got Hq=",
+                    q.size(1), ", Hk=", k.size(1));
+  const int64_t num_keys = k.size(2);
+  TORCH_CHECK_VALUE(vis_start >= 0 && vis_len >= 0 && vis_start + vis_len <= num_keys, op,
+                    ": the visual span [vis_start, vis_start + vis_len) = [", vis_start, ", ", vis_start + vis_len,
+                    ") must lie inside the N = ", num_keys, " keys");
+  TORCH_CHECK_VALUE(num_keys >= 1 || q.size(0) == 0, op, ": k must hold at least one key");
+  TORCH_CHECK_VALUE(scale > 0.0, op, ": scale must be > 0, got ", scale);
+}
+
+}  // namespace tokencarve

@@ -1,0 +1,29 @@
+// last_query_attention on the CPU: the last token's attention row over all N keys, mean over query
+// heads, visual columns only. One [B, Hq, N] logit row per head; never an N x N matrix.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+
+namespace tokencarve {
+namespace {
+
+at::Tensor last_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, int64_t vis_start, int64_t vis_len,
+                                    double scale) {
+  check_last_query_attention(q, k, vis_start, vis_len, scale);
+  const int64_t batch = q.size(0), heads_q = q.size(1), head_dim = q.size(2);
+  const int64_t heads_k = k.size(1), num_keys = k.size(2);
+  if (batch == 0 || vis_len == 0) return at::zeros({batch, vis_len}, q.options().dtype(at::kFloat));
+  // Query head h reads key head h / g: group the query heads under their key head.
+  const at::Tensor qg = q.to(at::kFloat).reshape({batch, heads_k, heads_q / heads_k, head_dim});
+  const at::Tensor logits = at::matmul(qg, k.to(at::kFloat).transpose(-1, -2)) * scale;  // [B, Hk, g, N]
+  const at::Tensor probs = at::softmax(logits, -1, at::kDouble).reshape({batch, heads_q, num_keys});
+  return probs.narrow(2, vis_start, vis_len).mean(1).to(at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokencarve, CPU, m) { m.impl("last_query_attention", &last_query_attention_cpu); }
+
+}  // namespace tokencarve

@@ -1,0 +1,123 @@
+// The tokencarve operator library: every schema in one place, the Meta kernels that give output shapes
+// (torch.compile, FakeTensor, CUDA-graph capture), and `carve` composed from the other ops through the
+// dispatcher, so each device's kernels for the stages are picked up wherever they are registered
+// (C++ CPU kernels in csrc/cpu, C++ CUDA kernels in csrc/cuda, Triton kernels from Python).
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace tokencarve {
+namespace {
+
+
+// ---- Meta kernels: the same checks as the real kernels, then outputs of the right shape. ----
+
+at::Tensor info_scores_meta(const at::Tensor& hidden, int64_t rank, int64_t seed) {
+  check_info_scores(hidden, rank, seed);
+  return at::empty({hidden.size(0), hidden.size(1)}, hidden.options().dtype(at::kFloat));
+}
+
+at::Tensor last_query_attention_meta(const at::Tensor& q, const at::Tensor& k, int64_t vis_start, int64_t vis_len,
+                                     double scale) {
+  check_last_query_attention(q, k, vis_start, vis_len, scale);
+  return at::empty({q.size(0), vis_len}, q.options().dtype(at::kFloat));
+}
+
+at::Tensor select_meta(const at::Tensor& attn, const at::Tensor& info, int64_t budget, double attn_weight) {
+  check_select(attn, info, budget, attn_weight);
+  const auto split = budget_split(attn.size(1), budget);
+  return at::empty({attn.size(0), split.k1}, attn.options().dtype(at::kLong));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_meta(const at::Tensor& hidden, const at::Tensor& order,
+                                                          int64_t budget, c10::string_view mode,
+                                                          const std::optional<at::Tensor>& sizes) {
+  check_merge(hidden, order, budget, mode, sizes);
+  const int64_t batch = hidden.size(0);
+  const auto split = budget_split(hidden.size(1), budget);
+  return {at::empty({batch, split.t_out, hidden.size(2)}, hidden.options()),
+          at::empty({batch, split.t_out}, hidden.options().dtype(at::kLong)),
+          at::empty({batch, split.t_out}, hidden.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor> carve_meta(const at::Tensor& hidden, const at::Tensor& attn, int64_t budget,
+                                              double attn_weight, int64_t rank, int64_t seed,
+                                              c10::string_view merge) {
+  check_carve(hidden, attn, budget, attn_weight, rank, seed, merge);
+  const auto split = budget_split(hidden.size(1), budget);
+  return {at::empty({hidden.size(0), split.t_out, hidden.size(2)}, hidden.options()),
+          at::empty({hidden.size(0), split.t_out}, hidden.options().dtype(at::kLong))};
+}
+
+// ---- carve: the stages through the dispatcher (one implementation for every device). ----
+
+std::tuple<at::Tensor, at::Tensor> carve_composite(const at::Tensor& hidden, const at::Tensor& attn, int64_t budget,
+                                                   double attn_weight, int64_t rank, int64_t seed,
+                                                   c10::string_view merge) {
+  check_carve(hidden, attn, budget, attn_weight, rank, seed, merge);
+  static auto info_op = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow(kInfo, "")
+                            .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+  static auto select_op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow(kSelect, "")
+                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double)>();
+  static auto merge_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kMerge, "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                                c10::string_view, const std::optional<at::Tensor>&)>();
+  // Attention-only fusion (attn_weight = 1) never reads the information score: skip computing it.
+  const at::Tensor info = attn_weight == 1.0 ? at::zeros(attn.sizes(), attn.options().dtype(at::kFloat))
+                                             : info_op.call(hidden, rank, seed);
+  const at::Tensor order = select_op.call(attn, info, budget, attn_weight);
+  auto [carved, keep_idx, sizes] = merge_op.call(hidden, order, budget, merge, std::nullopt);
+  return {carved, keep_idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokencarve, m) {
+  m.def(
+      "info_scores(Tensor hidden, int rank=0, int seed=0) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "last_query_attention(Tensor q, Tensor k, int vis_start, int vis_len, float scale) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "select(Tensor attn, Tensor info, int budget, float attn_weight=0.5) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "merge(Tensor hidden, Tensor order, int budget, str mode=\"mean\", Tensor? sizes=None)"
+      " -> (Tensor carved, Tensor keep_idx, Tensor carved_sizes)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "carve(Tensor hidden, Tensor attn, int budget, float attn_weight=0.5, int rank=0, int seed=0,"
+      " str merge=\"mean\") -> (Tensor carved, Tensor keep_idx)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(tokencarve, Meta, m) {
+  m.impl("info_scores", &info_scores_meta);
+  m.impl("last_query_attention", &last_query_attention_meta);
+  m.impl("select", &select_meta);
+  m.impl("merge", &merge_meta);
+  m.impl("carve", &carve_meta);
+}
+
+TORCH_LIBRARY_IMPL(tokencarve, CompositeExplicitAutograd, m) {
+  m.impl("carve", &carve_composite);
+}
+
+}  // namespace tokencarve
+
+#ifdef TOKENCARVE_PYTHON_MODULE
+// `import tokencarve_kernels._C` loads this library, whose static initialisers register the ops.
+#include <Python.h>
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "tokencarve operator library", -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
