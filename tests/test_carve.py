@@ -1,0 +1,144 @@
+"""carve end to end, and the properties every op promises: opcheck, torch.compile, batching, determinism."""
+
+import pytest
+import torch
+
+import python_ref
+import tokencarve_kernels as tk
+from tests.inputs import attention_scores, hidden_states, queries_keys
+
+
+def _inputs(batch=3, nv=48, dim=40, seed=0, dtype=torch.float32):
+    return hidden_states(batch, nv, dim, seed=seed, dtype=dtype), attention_scores(batch, nv, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nv, dim, budget", [(1, 4, 1), (7, 9, 3), (48, 40, 12), (48, 40, 47), (48, 40, 32), (97, 33, 64), (20, 8, 50)])
+@pytest.mark.parametrize("merge", ["mean", "similarity", "size"])
+def test_carve_matches_reference(nv, dim, budget, merge, dtype):
+    hidden, attn = _inputs(3, nv, dim, seed=nv + budget, dtype=dtype)
+    carved, keep_idx = tk.carve(hidden, attn, budget, merge=merge)
+    ref_carved, ref_keep = python_ref.carve(hidden, attn, budget, merge_mode=merge)
+    t = min(budget, nv)
+    assert carved.shape == (3, t, dim) and carved.dtype == dtype and keep_idx.shape == (3, t)
+    assert torch.equal(keep_idx, ref_keep)
+    assert torch.equal(keep_idx, keep_idx.sort(dim=1).values)
+    torch.testing.assert_close(carved, ref_carved, rtol=torch.finfo(dtype).eps, atol=0.0)
+
+
+@pytest.mark.parametrize("attn_weight", [0.0, 0.25, 1.0])
+def test_carve_randomized_and_weights_match_reference(attn_weight):
+    hidden, attn = _inputs(2, 64, 48, seed=1)
+    out = tk.carve(hidden, attn, 16, attn_weight=attn_weight, rank=8, seed=3)
+    ref = python_ref.carve(hidden, attn, 16, attn_weight=attn_weight, rank=8, seed=3)
+    assert torch.equal(out[1], ref[1])
+
+
+def test_budget_at_least_nv_returns_input_unchanged():
+    hidden, attn = _inputs(2, 30, 16)
+    carved, keep_idx = tk.carve(hidden, attn, 30)
+    assert torch.equal(carved, hidden) and torch.equal(keep_idx, torch.arange(30).expand(2, 30))
+
+
+def test_batch_of_three_equals_three_single_calls():
+    hidden, attn = _inputs(3, 96, 64, seed=2)
+    carved, keep_idx = tk.carve(hidden, attn, 24, rank=4)
+    for b in range(3):
+        c1, k1 = tk.carve(hidden[b : b + 1], attn[b : b + 1], 24, rank=4)
+        assert torch.equal(k1[0], keep_idx[b]) and torch.equal(c1[0], carved[b])
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    hidden, attn = _inputs(4, 200, 96, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            outs.append(tk.carve(hidden, attn, 40) + tk.carve(hidden, attn, 40, rank=16, seed=1))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_inputs_are_not_modified():
+    hidden, attn = _inputs(2, 40, 24)
+    hidden[0, 5, 3] = float("nan")
+    h0, a0 = hidden.clone(), attn.clone()
+    tk.carve(hidden, attn, 10, check_finite=False)
+    info = tk.info_scores(hidden, check_finite=False)
+    tk.merge(hidden, tk.select(attn, info, 10, check_finite=False), 10, check_finite=False)
+    # bitwise: NaN != NaN
+    assert torch.equal(hidden.view(torch.int32), h0.view(torch.int32)) and torch.equal(attn, a0)
+
+
+def test_empty_batch_gives_empty_outputs():
+    hidden, attn = torch.empty(0, 20, 8), torch.empty(0, 20)
+    carved, keep_idx = tk.carve(hidden, attn, 5)
+    assert carved.shape == (0, 5, 8) and keep_idx.shape == (0, 5)
+    assert tk.info_scores(hidden).shape == (0, 20)
+    q, k = torch.empty(0, 4, 8), torch.empty(0, 2, 30, 8)
+    assert tk.last_query_attention(q, k, 3, 10, 0.3).shape == (0, 10)
+
+
+def test_nonfinite_inputs_rank_last_deterministically():
+    hidden, attn = _inputs(1, 40, 24, seed=4)
+    hidden[0, [2, 9]] = float("nan")
+    attn[0, 11] = float("inf")
+    first = tk.carve(hidden, attn, 30, check_finite=False)
+    assert torch.equal(first[1], tk.carve(hidden, attn, 30, check_finite=False)[1])
+    order = tk.select(attn, tk.info_scores(hidden, check_finite=False), 10, check_finite=False)
+    assert not {2, 9, 11} & set(order[0].tolist())  # K1 = 15 of 37 finite tokens: the bad ones are out
+    with pytest.raises(ValueError, match="hidden holds NaN or Inf"):
+        tk.carve(hidden, attn, 30)
+
+
+def test_reference_backend_gives_the_same_answer():
+    hidden, attn = _inputs(2, 50, 30, seed=5)
+    native = tk.carve(hidden, attn, 12, merge="similarity")
+    with tk.use_backend("ref"):
+        ref = tk.carve(hidden, attn, 12, merge="similarity")
+        with pytest.raises(ValueError, match="budget must be >= 1"):
+            tk.carve(hidden, attn, 0)
+    assert torch.equal(native[1], ref[1])
+    torch.testing.assert_close(native[0], ref[0], rtol=1e-6, atol=0.0)
+    with pytest.raises(ValueError, match="TOKENCARVE_BACKEND must be one of"):
+        with tk.use_backend("fast"):
+            pass
+
+
+# ---- the op contract: opcheck, torch.compile ----
+
+def _op_cases():
+    hidden, attn = _inputs(2, 24, 16, seed=6)
+    info = python_ref.info_scores(hidden)
+    order = python_ref.select(attn, info, 8)
+    q, k = queries_keys(2, 4, 2, 30, 8)
+    ops = torch.ops.tokencarve
+    return [
+        ("carve", ops.carve.default, (hidden, attn, 8)),
+        ("carve_rank", ops.carve.default, (hidden, attn, 8, 0.3, 4, 2, "similarity")),
+        ("info_scores", ops.info_scores.default, (hidden,)),
+        ("info_scores_rank", ops.info_scores.default, (hidden, 4, 1)),
+        ("last_query_attention", ops.last_query_attention.default, (q, k, 2, 20, 0.35)),
+        ("select", ops.select.default, (attn, info, 8, 0.5)),
+        ("merge", ops.merge.default, (hidden, order, 8, "size", torch.ones(2, 24))),
+    ]
+
+
+@pytest.mark.parametrize("name, op, args", _op_cases(), ids=[c[0] for c in _op_cases()])
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    hidden, attn = _inputs(2, 40, 24, seed=7)
+
+    def fn(h, a):
+        carved, keep_idx = torch.ops.tokencarve.carve(h, a, 10)
+        return carved * 2.0, keep_idx + 1
+
+    compiled = torch.compile(fn, fullgraph=True)
+    out, ref = compiled(hidden, attn), fn(hidden, attn)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

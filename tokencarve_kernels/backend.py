@@ -1,0 +1,80 @@
+"""Which implementation runs behind `torch.ops.tokencarve.*` (the TOKENCARVE_BACKEND switch).
+
+  auto    (default) CPU tensors: the C++ kernels of csrc/cpu; CUDA tensors: the Triton score kernels
+          and the CUDA kernels of csrc/cuda.
+  ref     every stage op on every device runs python_ref (float64, slow): to rule the kernels out.
+
+`carve` is composed in C++ from the stage ops through the dispatcher, so it follows the backend of its
+stages. The switch is read once at import from the environment; `use_backend` switches for a block of
+code (it registers Python kernels over the C++ ones and removes them on exit).
+"""
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+import python_ref
+
+from . import _C  # noqa: F401
+
+BACKENDS = ("auto", "ref")
+_STAGE_OPS = ("info_scores", "last_query_attention", "select", "merge")
+
+
+def _same_device(op_name: str, args: tuple) -> None:
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"tokencarve::{op_name}: all tensor arguments must be on the same device, got {sorted(map(str, devices))}")
+
+
+def _checked(op_name: str, fn):
+    """fn behind the same argument checks as the C++ kernels (they run on meta copies: no data, no sync)."""
+    meta_op = getattr(torch.ops.tokencarve, op_name).default
+
+    def kernel(*args, **kwargs):
+        _same_device(op_name, args + tuple(kwargs.values()))
+        meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        meta_op(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args], **meta)
+        return fn(*args, **kwargs)
+
+    return kernel
+
+
+_REFERENCE = {
+    # Callers through the dispatcher may leave out arguments that equal the schema's defaults.
+    "info_scores": lambda hidden, rank=0, seed=0: python_ref.info_scores(hidden, rank=rank, seed=seed),
+    "last_query_attention": python_ref.last_query_attention,
+    "select": python_ref.select,
+    "merge": python_ref.merge,
+}
+
+
+def _register(name: str) -> torch.library.Library | None:
+    if name not in BACKENDS:
+        raise ValueError(f"TOKENCARVE_BACKEND must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        return None
+    lib = torch.library.Library("tokencarve", "IMPL")
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        for op_name in _STAGE_OPS:
+            for key in ("CPU", "CUDA"):
+                lib.impl(op_name, _checked(op_name, _REFERENCE[op_name]), key)
+    return lib
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the block with backend `name` ("auto" or "ref"), then restore what was registered before."""
+    lib = _register(name)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib._destroy()
+
+
+# Held for the life of the process when the environment asks for a backend.
+_from_env = _register(os.environ.get("TOKENCARVE_BACKEND", "auto"))
