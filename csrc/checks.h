@@ -16,6 +16,9 @@ constexpr const char* kInfo = "tokencarve::info_scores";
 constexpr const char* kLqa = "tokencarve::last_query_attention";
 constexpr const char* kSelect = "tokencarve::select";
 constexpr const char* kMerge = "tokencarve::merge";
+constexpr const char* kLqaVarlen = "tokencarve::last_query_attention_varlen";
+constexpr const char* kCarveVarlen = "tokencarve::carve_varlen";
+constexpr const char* kGatherKv = "tokencarve::gather_kv";
 
 // Sizes of every stage for one image (SPEC.md; python_ref.budget_split), a pure function of (Nv, T).
 struct BudgetSplit {
@@ -161,6 +164,77 @@ inline void check_last_query_attention(const at::Tensor& q, const at::Tensor& k,
                     ") must lie inside the N = ", num_keys, " keys");
   TORCH_CHECK_VALUE(num_keys >= 1 || q.size(0) == 0, op, ": k must hold at least one key");
   TORCH_CHECK_VALUE(scale > 0.0, op, ": scale must be > 0, got ", scale);
+}
+
+// q [S, Hq, d], k [total, Hk, d], cu_seqlens [S + 1] int32/int64 (values are the caller's promise:
+// non-decreasing from 0 to at most total; CPU kernels verify them, device kernels cannot without a sync).
+inline void check_last_query_attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens,
+                                              double scale) {
+  const char* op = kLqaVarlen;
+  check_dim(q, 3, op, "q", "[S, Hq, d]");
+  check_dim(k, 3, op, "k", "[total, Hk, d]");
+  check_dim(cu_seqlens, 1, op, "cu_seqlens", "[S + 1]");
+  check_float(q, op, "q");
+  check_float(k, op, "k");
+  check_same_device(q, "q", k, "k", op);
+  check_same_device(q, "q", cu_seqlens, "cu_seqlens", op);
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type(), op, ": q and k must have the same dtype, got ",
+                   q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong, op,
+                   ": cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.size(0) == q.size(0) + 1, op, ": cu_seqlens must have S + 1 = ", q.size(0) + 1,
+                    " entries (one sequence per query), got ", cu_seqlens.size(0));
+  TORCH_CHECK_VALUE(q.size(2) == k.size(2), op, ": q and k must have the same head dim, got ", q.size(2), " and ",
+                    k.size(2));
+  TORCH_CHECK_VALUE(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
+                    ": the number of query heads Hq must be a positive multiple of the key heads Hk, got Hq=",
+                    q.size(1), ", Hk=", k.size(1));
+  TORCH_CHECK_VALUE(scale > 0.0, op, ": scale must be > 0, got ", scale);
+}
+
+// hidden [sum Nv_i, D], attn [sum Nv_i], one budget per image.
+inline void check_carve_varlen(const at::Tensor& hidden, const at::Tensor& attn, at::IntArrayRef seqlens,
+                               at::IntArrayRef budgets, double attn_weight, int64_t rank, int64_t seed,
+                               std::string_view merge) {
+  const char* op = kCarveVarlen;
+  check_dim(hidden, 2, op, "hidden", "[sum Nv_i, D]");
+  check_dim(attn, 1, op, "attn", "[sum Nv_i]");
+  check_float(hidden, op, "hidden");
+  check_float(attn, op, "attn");
+  check_same_device(hidden, "hidden", attn, "attn", op);
+  TORCH_CHECK_VALUE(seqlens.size() == budgets.size(), op, ": seqlens and budgets must have one entry per image, got ",
+                    seqlens.size(), " and ", budgets.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < seqlens.size(); ++i) {
+    TORCH_CHECK_VALUE(seqlens[i] >= 0, op, ": seqlens[", i, "] must be >= 0, got ", seqlens[i]);
+    TORCH_CHECK_VALUE(budgets[i] >= 1, op, ": budgets[", i, "] must be >= 1, got ", budgets[i]);
+    total += seqlens[i];
+  }
+  TORCH_CHECK_VALUE(hidden.size(0) == total && attn.size(0) == total, op,
+                    ": hidden and attn must hold sum(seqlens) = ", total, " rows, got ", hidden.size(0), " and ",
+                    attn.size(0));
+  check_attn_weight(attn_weight, op);
+  check_rank_seed(rank, seed, op);
+  parse_merge_mode(merge, op);
+}
+
+// kv [B, H, N, d] any dtype, keep_idx [B, T] int64, vis_start [B] int64, T <= vis_len <= N.
+inline void check_gather_kv(const at::Tensor& kv, const at::Tensor& keep_idx, const at::Tensor& vis_start,
+                            int64_t vis_len) {
+  const char* op = kGatherKv;
+  check_dim(kv, 4, op, "kv", "[B, H, N, d]");
+  check_dim(keep_idx, 2, op, "keep_idx", "[B, T]");
+  check_dim(vis_start, 1, op, "vis_start", "[B]");
+  TORCH_CHECK_TYPE(keep_idx.scalar_type() == at::kLong, op, ": keep_idx must be int64, got ", keep_idx.scalar_type());
+  TORCH_CHECK_TYPE(vis_start.scalar_type() == at::kLong, op, ": vis_start must be int64, got ",
+                   vis_start.scalar_type());
+  check_same_device(kv, "kv", keep_idx, "keep_idx", op);
+  check_same_device(kv, "kv", vis_start, "vis_start", op);
+  TORCH_CHECK_VALUE(keep_idx.size(0) == kv.size(0) && vis_start.size(0) == kv.size(0), op,
+                    ": kv, keep_idx and vis_start must have the same batch size, got ", kv.size(0), ", ",
+                    keep_idx.size(0), " and ", vis_start.size(0));
+  TORCH_CHECK_VALUE(vis_len >= keep_idx.size(1) && vis_len <= kv.size(2), op,
+                    ": vis_len must lie in [T, N] = [", keep_idx.size(1), ", ", kv.size(2), "], got ", vis_len);
 }
 
 }  // namespace tokencarve

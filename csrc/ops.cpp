@@ -7,6 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "checks.h"
 
 namespace tokencarve {
@@ -77,6 +79,81 @@ std::tuple<at::Tensor, at::Tensor> carve_composite(const at::Tensor& hidden, con
   return {carved, keep_idx};
 }
 
+at::Tensor last_query_attention_varlen_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens,
+                                            double scale) {
+  check_last_query_attention_varlen(q, k, cu_seqlens, scale);
+  return at::empty({k.size(0)}, q.options().dtype(at::kFloat));
+}
+
+int64_t varlen_output_rows(at::IntArrayRef seqlens, at::IntArrayRef budgets) {
+  int64_t rows = 0;
+  for (size_t i = 0; i < seqlens.size(); ++i) rows += budget_split(seqlens[i], budgets[i]).t_out;
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> carve_varlen_meta(const at::Tensor& hidden, const at::Tensor& attn,
+                                                     at::IntArrayRef seqlens, at::IntArrayRef budgets,
+                                                     double attn_weight, int64_t rank, int64_t seed,
+                                                     c10::string_view merge) {
+  check_carve_varlen(hidden, attn, seqlens, budgets, attn_weight, rank, seed, merge);
+  const int64_t rows = varlen_output_rows(seqlens, budgets);
+  return {at::empty({rows, hidden.size(1)}, hidden.options()), at::empty({rows}, hidden.options().dtype(at::kLong))};
+}
+
+// Each image through carve on its own (a different Nv per image is the point of the varlen form).
+std::tuple<at::Tensor, at::Tensor> carve_varlen_composite(const at::Tensor& hidden, const at::Tensor& attn,
+                                                          at::IntArrayRef seqlens, at::IntArrayRef budgets,
+                                                          double attn_weight, int64_t rank, int64_t seed,
+                                                          c10::string_view merge) {
+  check_carve_varlen(hidden, attn, seqlens, budgets, attn_weight, rank, seed, merge);
+  static auto carve_op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow(kCarve, "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                                       double, int64_t, int64_t, c10::string_view)>();
+  std::vector<at::Tensor> carved, keep;
+  int64_t offset = 0;
+  for (size_t i = 0; i < seqlens.size(); ++i) {
+    auto [c, k] = carve_op.call(hidden.narrow(0, offset, seqlens[i]).unsqueeze(0),
+                                attn.narrow(0, offset, seqlens[i]).unsqueeze(0), budgets[i], attn_weight, rank, seed,
+                                merge);
+    carved.push_back(c.squeeze(0));
+    keep.push_back(k.squeeze(0));
+    offset += seqlens[i];
+  }
+  if (carved.empty())
+    return {at::empty({0, hidden.size(1)}, hidden.options()), at::empty({0}, hidden.options().dtype(at::kLong))};
+  return {at::cat(carved), at::cat(keep)};
+}
+
+at::Tensor gather_kv_meta(const at::Tensor& kv, const at::Tensor& keep_idx, const at::Tensor& vis_start,
+                          int64_t vis_len) {
+  check_gather_kv(kv, keep_idx, vis_start, vis_len);
+  return at::empty({kv.size(0), kv.size(1), kv.size(2) - vis_len + keep_idx.size(1), kv.size(3)}, kv.options());
+}
+
+// positions [B, N - vis_len + T] of the tokens that survive, then one gather along N. Works on every device;
+// on the CPU the index values are verified first (a device gather asserts on out-of-range indices itself).
+at::Tensor gather_kv_composite(const at::Tensor& kv, const at::Tensor& keep_idx, const at::Tensor& vis_start,
+                               int64_t vis_len) {
+  check_gather_kv(kv, keep_idx, vis_start, vis_len);
+  const int64_t batch = kv.size(0), seq_len = kv.size(2), t = keep_idx.size(1);
+  if (kv.device().is_cpu()) {
+    TORCH_CHECK_VALUE(batch == 0 || (vis_start.min().item<int64_t>() >= 0 &&
+                                     vis_start.max().item<int64_t>() + vis_len <= seq_len),
+                      kGatherKv, ": every visual span [vis_start, vis_start + vis_len) must lie inside the N = ",
+                      seq_len, " tokens");
+    TORCH_CHECK_VALUE(keep_idx.numel() == 0 || (keep_idx.min().item<int64_t>() >= 0 &&
+                                                keep_idx.max().item<int64_t>() < vis_len),
+                      kGatherKv, ": keep_idx must hold indices in [0, vis_len = ", vis_len, ")");
+  }
+  const at::Tensor p = at::arange(seq_len - vis_len + t, keep_idx.options()).unsqueeze(0).expand({batch, -1});
+  const at::Tensor start = vis_start.unsqueeze(1);
+  const at::Tensor in_span_idx = (p - start).clamp(0, std::max<int64_t>(t - 1, 0));
+  const at::Tensor span_pos = t > 0 ? start + keep_idx.gather(1, in_span_idx) : p;
+  const at::Tensor pos = at::where(p < start, p, at::where(p < start + t, span_pos, p - t + vis_len));
+  return kv.gather(2, pos.view({batch, 1, -1, 1}).expand({batch, kv.size(1), -1, kv.size(3)}));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokencarve, m) {
@@ -97,6 +174,16 @@ TORCH_LIBRARY(tokencarve, m) {
       "carve(Tensor hidden, Tensor attn, int budget, float attn_weight=0.5, int rank=0, int seed=0,"
       " str merge=\"mean\") -> (Tensor carved, Tensor keep_idx)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "last_query_attention_varlen(Tensor q, Tensor k, Tensor cu_seqlens, float scale) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "carve_varlen(Tensor hidden, Tensor attn, int[] seqlens, int[] budgets, float attn_weight=0.5, int rank=0,"
+      " int seed=0, str merge=\"mean\") -> (Tensor carved, Tensor keep_idx)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "gather_kv(Tensor kv, Tensor keep_idx, Tensor vis_start, int vis_len) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(tokencarve, Meta, m) {
@@ -105,10 +192,15 @@ TORCH_LIBRARY_IMPL(tokencarve, Meta, m) {
   m.impl("select", &select_meta);
   m.impl("merge", &merge_meta);
   m.impl("carve", &carve_meta);
+  m.impl("last_query_attention_varlen", &last_query_attention_varlen_meta);
+  m.impl("carve_varlen", &carve_varlen_meta);
+  m.impl("gather_kv", &gather_kv_meta);
 }
 
 TORCH_LIBRARY_IMPL(tokencarve, CompositeExplicitAutograd, m) {
   m.impl("carve", &carve_composite);
+  m.impl("carve_varlen", &carve_varlen_composite);
+  m.impl("gather_kv", &gather_kv_composite);
 }
 
 }  // namespace tokencarve

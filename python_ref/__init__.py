@@ -4,7 +4,8 @@ Readable and computed in float64 wherever rounding could change a selection; eve
 `tokencarve_kernels` is tested against these functions.
 """
 
-from .carve import carve
+from .carve import carve, carve_varlen
+from .gather_kv import gather_kv, kept_positions
 from .info_scores import (
     authors_info_scores,
     gaussian_sketch,
@@ -13,7 +14,7 @@ from .info_scores import (
     info_scores_randomized,
     info_scores_svd,
 )
-from .last_query_attention import eager_last_query_attention, last_query_attention
+from .last_query_attention import eager_last_query_attention, last_query_attention, last_query_attention_varlen
 from .merge import MERGE_MODES, cosine_similarity, merge
 from .select import budget_split, descending_ranks, fuse_ranks, select
 
@@ -22,16 +23,20 @@ __all__ = [
     "authors_info_scores",
     "budget_split",
     "carve",
+    "carve_varlen",
     "cosine_similarity",
     "descending_ranks",
     "eager_last_query_attention",
     "fuse_ranks",
+    "gather_kv",
     "gaussian_sketch",
     "info_scores",
     "info_scores_gram",
     "info_scores_randomized",
     "info_scores_svd",
+    "kept_positions",
     "last_query_attention",
+    "last_query_attention_varlen",
     "merge",
     "select",
 ]

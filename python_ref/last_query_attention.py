@@ -39,3 +39,21 @@ def eager_last_query_attention(
     causal = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
     return probs[:, :, -1, vis_start : vis_start + vis_len].mean(dim=1).float()
+
+
+def last_query_attention_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Packed sequences: q [S, Hq, d] (each sequence's last token), k [total, Hk, d], cu_seqlens [S + 1]
+    -> p [total] float32, p[j] = mean_h softmax over sequence s's keys of (scale * q_s,h . k_j), for the
+    keys j of sequence s = [cu_seqlens[s], cu_seqlens[s + 1]). Keys outside every sequence get 0.
+
+    The whole attention row of each sequence comes back (not one span): a prompt's images are sliced
+    from it by the caller, all scored by the same last query.
+    """
+    out = torch.zeros(k.shape[0], dtype=torch.float32, device=k.device)
+    bounds = cu_seqlens.tolist()
+    for s in range(q.shape[0]):
+        lo, hi = bounds[s], bounds[s + 1]
+        if hi > lo:
+            keys = k[lo:hi].transpose(0, 1)[None]                         # [1, Hk, n, d]
+            out[lo:hi] = last_query_attention(q[s : s + 1], keys, 0, hi - lo, scale)[0]
+    return out

@@ -124,6 +124,10 @@ def _op_cases():
         ("last_query_attention", ops.last_query_attention.default, (q, k, 2, 20, 0.35)),
         ("select", ops.select.default, (attn, info, 8, 0.5)),
         ("merge", ops.merge.default, (hidden, order, 8, "size", torch.ones(2, 24))),
+        ("last_query_attention_varlen", ops.last_query_attention_varlen.default,
+         (q, k[0].permute(1, 0, 2).contiguous(), torch.tensor([0, 12, 30]), 0.35)),
+        ("carve_varlen", ops.carve_varlen.default, (hidden[0], attn[0], [10, 14], [4, 20])),
+        ("gather_kv", ops.gather_kv.default, (k, order[:, :5].sort(dim=1).values, torch.tensor([1, 3]), 24)),
     ]
 
 
@@ -142,3 +146,29 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(fn, fullgraph=True)
     out, ref = compiled(hidden, attn), fn(hidden, attn)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+# ---- varlen: images of different sizes packed along one axis ----
+
+def test_carve_varlen_matches_per_image_reference():
+    seqlens, budgets = [576, 9, 1, 130], [128, 3, 1, 200]
+    hidden = torch.cat([hidden_states(1, n, 48, seed=n)[0] for n in seqlens])
+    attn = torch.cat([attention_scores(1, n, seed=n)[0] for n in seqlens])
+    carved, keep_idx = tk.carve_varlen(hidden, attn, seqlens, budgets, merge="similarity")
+    ref = python_ref.carve_varlen(hidden, attn, seqlens, budgets, merge_mode="similarity")
+    assert carved.shape == (128 + 3 + 1 + 130, 48)
+    assert torch.equal(keep_idx, ref[1])
+    torch.testing.assert_close(carved, ref[0], rtol=1e-6, atol=0.0)
+
+
+def test_carve_varlen_ratio_and_errors():
+    seqlens = [576, 2880]
+    hidden, attn = torch.randn(sum(seqlens), 16), torch.rand(sum(seqlens))
+    carved, keep_idx = tk.carve_varlen(hidden, attn, seqlens, ratio=128 / 576)
+    assert carved.shape == (128 + 640, 16) and keep_idx.shape == (768,)
+    with pytest.raises(ValueError, match="exactly one of budgets"):
+        tk.carve_varlen(hidden, attn, seqlens)
+    with pytest.raises(ValueError, match=r"hidden and attn must hold sum\(seqlens\) = 3456 rows, got 3456 and 3455"):
+        torch.ops.tokencarve.carve_varlen(hidden, attn[1:], seqlens, [1, 2])
+    with pytest.raises(ValueError, match=r"budgets\[1\] must be >= 1, got 0"):
+        torch.ops.tokencarve.carve_varlen(hidden, attn, seqlens, [1, 0])

@@ -34,3 +34,43 @@ def test_op_matches_reference(batch, heads_q, heads_k, n, d, vis_start, vis_len,
     ref = python_ref.last_query_attention(q, k, vis_start, vis_len, d**-0.5)
     assert out.dtype == torch.float32 and out.shape == (batch, vis_len)
     assert rel_err(out, ref) < 1e-5  # inputs upcast to float32 before any arithmetic
+
+
+def _packed(lengths, heads_q=8, heads_k=2, d=16, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(lengths), heads_q, d, generator=gen).to(dtype)
+    k = torch.randn(sum(lengths), heads_k, d, generator=gen).to(dtype)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    return q, k, cu
+
+
+def test_varlen_reference_equals_padded_calls():
+    lengths = [5, 1, 0, 40]
+    q, k, cu = _packed(lengths, seed=1)
+    out = python_ref.last_query_attention_varlen(q, k, cu, 0.25)
+    for s, n in enumerate(lengths):
+        if n:
+            keys = k[cu[s] : cu[s + 1]].transpose(0, 1)[None]
+            torch.testing.assert_close(out[cu[s] : cu[s + 1]], python_ref.last_query_attention(q[s : s + 1], keys, 0, n, 0.25)[0])
+            torch.testing.assert_close(out[cu[s] : cu[s + 1]].double().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lengths", [[1], [7, 33, 2], [0, 12, 0], [300, 77]], ids=str)
+def test_varlen_op_matches_reference(lengths, dtype):
+    q, k, cu = _packed(lengths, seed=len(lengths), dtype=dtype)
+    out = tk.last_query_attention_varlen(q, k, cu.long(), 0.3)
+    assert out.shape == (sum(lengths),) and out.dtype == torch.float32
+    assert rel_err(out, python_ref.last_query_attention_varlen(q, k, cu, 0.3)) < 1e-5
+
+
+def test_varlen_rejects_bad_cu_seqlens():
+    q, k, cu = _packed([4, 6])
+    with pytest.raises(ValueError, match=r"cu_seqlens must have S \+ 1 = 3 entries"):
+        tk.last_query_attention_varlen(q, k, cu[:2], 0.3)
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        tk.last_query_attention_varlen(q, k, torch.tensor([0, 7, 6]), 0.3)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at most at the number of keys 10"):
+        tk.last_query_attention_varlen(q, k, torch.tensor([0, 4, 11]), 0.3)
+    with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64, got Float"):
+        tk.last_query_attention_varlen(q, k, cu.float(), 0.3)

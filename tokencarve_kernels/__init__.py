@@ -1,10 +1,31 @@
 """TokenCarve visual-token compression as `torch.ops.tokencarve.*` ops.
 
-Public entry points (shapes in their docstrings): carve, info_scores, last_query_attention, select,
-merge; use_backend switches the implementation behind the ops (see backend.py).
+Public entry points (shapes in their docstrings): carve, carve_varlen, info_scores, last_query_attention,
+last_query_attention_varlen, select, merge, gather_kv; use_backend switches the implementation behind
+the ops (see backend.py).
 """
 
 from .backend import BACKENDS, use_backend
-from .ops import carve, info_scores, last_query_attention, merge, select
+from .ops import (
+    carve,
+    carve_varlen,
+    gather_kv,
+    info_scores,
+    last_query_attention,
+    last_query_attention_varlen,
+    merge,
+    select,
+)
 
-__all__ = ["BACKENDS", "carve", "info_scores", "last_query_attention", "merge", "select", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "carve",
+    "carve_varlen",
+    "gather_kv",
+    "info_scores",
+    "last_query_attention",
+    "last_query_attention_varlen",
+    "merge",
+    "select",
+    "use_backend",
+]

@@ -4,8 +4,8 @@
           and the CUDA kernels of csrc/cuda.
   ref     every stage op on every device runs python_ref (float64, slow): to rule the kernels out.
 
-`carve` is composed in C++ from the stage ops through the dispatcher, so it follows the backend of its
-stages. The switch is read once at import from the environment; `use_backend` switches for a block of
+`carve`, `carve_varlen` and `gather_kv` are composed in C++ from other ops through the dispatcher, so
+they follow the backend of their stages. The switch is read once at import from the environment; `use_backend` switches for a block of
 code (it registers Python kernels over the C++ ones and removes them on exit).
 """
 
@@ -20,7 +20,7 @@ import python_ref
 from . import _C  # noqa: F401
 
 BACKENDS = ("auto", "ref")
-_STAGE_OPS = ("info_scores", "last_query_attention", "select", "merge")
+_STAGE_OPS = ("info_scores", "last_query_attention", "last_query_attention_varlen", "select", "merge")
 
 
 def _same_device(op_name: str, args: tuple) -> None:
@@ -46,6 +46,7 @@ _REFERENCE = {
     # Callers through the dispatcher may leave out arguments that equal the schema's defaults.
     "info_scores": lambda hidden, rank=0, seed=0: python_ref.info_scores(hidden, rank=rank, seed=seed),
     "last_query_attention": python_ref.last_query_attention,
+    "last_query_attention_varlen": python_ref.last_query_attention_varlen,
     "select": python_ref.select,
     "merge": python_ref.merge,
 }

@@ -5,6 +5,8 @@ read values (`check_finite`, on by default), which syncs a GPU once per call. Pa
 in CUDA-graph capture or torch.compile regions; then non-finite inputs are ranked last deterministically.
 """
 
+import math
+
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers the ops)
@@ -103,3 +105,57 @@ def carve(
     if check_finite:
         _check_finite(hidden=hidden, attn=attn)
     return _ops.carve(hidden, attn, budget, attn_weight, rank, seed, merge)
+
+
+def last_query_attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, *, check_finite: bool = True
+) -> torch.Tensor:
+    """The packed (varlen) form: each sequence's last-token attention over its own keys, head-mean.
+
+    q [S, Hq, d] (last token of each sequence), k [total, Hk, d] (keys of all sequences, packed),
+    cu_seqlens [S + 1] int32/int64 (sequence s owns keys [cu_seqlens[s], cu_seqlens[s + 1]))
+    -> p [total] float32: the whole attention row of each sequence; slice each image's span from it.
+    """
+    if check_finite:
+        _check_finite(q=q, k=k)
+    return _ops.last_query_attention_varlen(q, k, cu_seqlens, scale)
+
+
+def carve_varlen(
+    hidden: torch.Tensor,
+    attn: torch.Tensor,
+    seqlens: list[int],
+    budgets: list[int] | None = None,
+    *,
+    ratio: float | None = None,
+    attn_weight: float = 0.5,
+    rank: int = 0,
+    seed: int = 0,
+    merge: str = "mean",
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of different sizes packed along one axis (LLaVA-NeXT tiles, serving batches), each carved alone.
+
+    hidden [sum Nv_i, D], attn [sum Nv_i], seqlens = [Nv_i] (host ints: output shapes must not depend on data)
+    and either budgets = [T_i] or ratio (T_i = max(1, round(ratio * Nv_i)))
+    -> carved [sum min(T_i, Nv_i), D], keep_idx [sum min(T_i, Nv_i)] int64, indices within image i, ascending.
+    """
+    if (budgets is None) == (ratio is None):
+        raise ValueError("carve_varlen: pass exactly one of budgets (one per image) or ratio")
+    if ratio is not None:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"carve_varlen: ratio must be in (0, 1], got {ratio}")
+        budgets = [max(1, math.floor(ratio * n + 0.5)) for n in seqlens]
+    if check_finite:
+        _check_finite(hidden=hidden, attn=attn)
+    return _ops.carve_varlen(hidden, attn, list(seqlens), list(budgets), attn_weight, rank, seed, merge)
+
+
+def gather_kv(kv: torch.Tensor, keep_idx: torch.Tensor, vis_start: torch.Tensor, vis_len: int) -> torch.Tensor:
+    """Keep the carved tokens in any per-token tensor: a layer's K or V cache, position ids, hidden states.
+
+    kv [B, H, N, d] (any dtype), keep_idx [B, T] int64 (from carve), vis_start [B] int64 (each sample's
+    visual offset, e.g. after left padding) -> [B, H, N - vis_len + T, d]: the tokens before and after
+    the span unchanged, inside it only keep_idx, in order.
+    """
+    return _ops.gather_kv(kv, keep_idx, vis_start, vis_len)

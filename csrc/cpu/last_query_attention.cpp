@@ -22,8 +22,32 @@ at::Tensor last_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, in
   return probs.narrow(2, vis_start, vis_len).mean(1).to(at::kFloat);
 }
 
+at::Tensor last_query_attention_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens,
+                                           double scale) {
+  check_last_query_attention_varlen(q, k, cu_seqlens, scale);
+  const int64_t num_seqs = q.size(0), total = k.size(0);
+  const at::Tensor bounds = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t* cu = bounds.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(cu[0] == 0 && cu[num_seqs] <= total, kLqaVarlen, ": cu_seqlens must start at 0 and end at most at ",
+                    "the number of keys ", total, ", got ", cu[0], " .. ", cu[num_seqs]);
+  for (int64_t s = 0; s < num_seqs; ++s)
+    TORCH_CHECK_VALUE(cu[s] <= cu[s + 1], kLqaVarlen, ": cu_seqlens must be non-decreasing, got ", cu[s], " then ",
+                      cu[s + 1], " at sequence ", s);
+  at::Tensor out = at::zeros({total}, q.options().dtype(at::kFloat));
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t n = cu[s + 1] - cu[s];
+    if (n == 0) continue;
+    const at::Tensor keys = k.narrow(0, cu[s], n).permute({1, 0, 2}).unsqueeze(0);  // [1, Hk, n, d]
+    out.narrow(0, cu[s], n).copy_(last_query_attention_cpu(q.narrow(0, s, 1), keys, 0, n, scale).squeeze(0));
+  }
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tokencarve, CPU, m) { m.impl("last_query_attention", &last_query_attention_cpu); }
+TORCH_LIBRARY_IMPL(tokencarve, CPU, m) {
+  m.impl("last_query_attention", &last_query_attention_cpu);
+  m.impl("last_query_attention_varlen", &last_query_attention_varlen_cpu);
+}
 
 }  // namespace tokencarve
