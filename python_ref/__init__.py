@@ -5,6 +5,7 @@ Readable and computed in float64 wherever rounding could change a selection; eve
 """
 
 from .carve import carve, carve_varlen
+from .embedding_carve import embedding_carve
 from .gather_kv import gather_kv, kept_positions
 from .info_scores import (
     authors_info_scores,
@@ -27,6 +28,7 @@ __all__ = [
     "cosine_similarity",
     "descending_ranks",
     "eager_last_query_attention",
+    "embedding_carve",
     "fuse_ranks",
     "gather_kv",
     "gaussian_sketch",

@@ -1,11 +1,13 @@
 """TokenCarve visual-token compression as `torch.ops.tokencarve.*` ops.
 
 Public entry points (shapes in their docstrings): carve, carve_varlen, info_scores, last_query_attention,
-last_query_attention_varlen, select, merge, gather_kv; use_backend switches the implementation behind
+last_query_attention_varlen, select, merge, gather_kv; embedding_carve (the variant that runs before
+the LLM, for serving engines) and cls_query_and_keys; use_backend switches the implementation behind
 the ops (see backend.py).
 """
 
 from .backend import BACKENDS, use_backend
+from .embedding_carve import cls_query_and_keys, embedding_carve
 from .ops import (
     carve,
     carve_varlen,
@@ -21,6 +23,8 @@ __all__ = [
     "BACKENDS",
     "carve",
     "carve_varlen",
+    "cls_query_and_keys",
+    "embedding_carve",
     "gather_kv",
     "info_scores",
     "last_query_attention",
