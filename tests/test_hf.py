@@ -437,3 +437,15 @@ def test_prompt_without_image_tokens_passes_through():
         with apply_tokencarve(model, budget=4) as handle:
             out = model(**inputs).logits
     assert torch.equal(out, ref) and handle.kept_positions is None
+
+
+def test_demo_tiny_llava_section(capsys):
+    from tokencarve_kernels import demo
+
+    result = demo.tiny_llava_end_to_end(budget=128)
+    out = capsys.readouterr().out
+    assert result["prompt_tokens"] == 642 and result["kept_visual"] == 128
+    assert result["plain"]["cached"] == 642 and result["carved"]["cached"] == 642 - 576 + 128
+    assert result["carved"]["kv_bytes"] * 642 == result["plain"]["kv_bytes"] * 194
+    assert len(result["plain"]["tokens"]) == len(result["carved"]["tokens"]) == demo.LLAVA_NEW_TOKENS
+    assert "without carving" in out and "TokenCarve T=128" in out and "savings: 448 of 642" in out
