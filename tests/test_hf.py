@@ -351,6 +351,36 @@ def test_sdpa_stays_on_and_eager_gives_the_same_result(name):
     torch.testing.assert_close(eager_logits, logits, rtol=1e-4, atol=1e-4)
 
 
+def test_the_original_attention_implementation_sees_its_own_config():
+    """Implementations such as FlashAttention read module.config._attn_implementation to pick their kernel: the
+    wrapped call at layer-1 must show them the model's own name, not the capture entry's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    name = "tokencarve_test_fa_like"
+    seen = []
+
+    def fa_like(module, *args, **kwargs):
+        seen.append(module.config._attn_implementation)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    transformers.AttentionInterface.register(name, fa_like)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    try:
+        model, make = FAMILIES["llava-llama"]()
+        inputs = make([[3, "img", 5]], seed=7)
+        with apply_tokencarve(model, budget=4, layer=LAYER), torch.no_grad():
+            expected = model(**inputs).logits
+        model.config.text_config._attn_implementation = name   # the text model's modules share this config
+        with apply_tokencarve(model, budget=4, layer=LAYER), torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        transformers.AttentionInterface._global_mapping.pop(name)
+        AttentionMaskInterface._global_mapping.pop(name)
+    assert seen == [name] * model.config.text_config.num_hidden_layers
+    torch.testing.assert_close(logits, expected)
+
+
 # ------------------------------------------------------------------------------------------------ varlen, carve_fn
 def test_llava_next_images_of_different_sizes_carve_by_ratio():
     model, make = FAMILIES["llava-next"]()
@@ -427,6 +457,9 @@ def test_bad_use_gets_clear_errors():
         inputs = make([[3, "img", 5]])
         with pytest.raises(ValueError, match="labels"):
             model(**inputs, labels=inputs["input_ids"])
+        static = transformers.StaticCache(config=model.config, max_cache_len=64)
+        with pytest.raises(NotImplementedError, match="needs a DynamicCache"), torch.no_grad():
+            model(**inputs, use_cache=True, **{_cache_arg(model): static})
 
 
 def test_prompt_without_image_tokens_passes_through():

@@ -325,11 +325,15 @@ class TokenCarveHandle:
     # ------------------------------------------------------------------------------------------ prefill
     def _plan(self, input_ids, attention_mask, mm_encoder_outputs) -> _Prefill | None:
         """Host copy of the prompt's layout, or None when there is nothing to carve."""
-        if input_ids is None or (attention_mask is not None and attention_mask.dim() != 2):
-            return None   # prompts given as embeddings, or custom 4-D masks: passed through
+        if input_ids is None:
+            return None   # a prompt given as embeddings has no image-token positions: passed through
         ids = input_ids.detach().to("cpu", torch.long)
         if not bool((ids == self._image_token).any()):
             return None
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            raise NotImplementedError(
+                "apply_tokencarve: carving needs a 2-D attention_mask (or none); got a prepared "
+                f"{type(attention_mask).__name__} mask (a static cache makes generate() build one: use the default cache)")
         valid = None if attention_mask is None else attention_mask.detach().to("cpu") != 0
         if valid is not None and bool(valid.all()):
             valid, attention_mask = None, None
@@ -496,11 +500,12 @@ class TokenCarveHandle:
         """Layers 0 .. layer-1 already hold N entries: keep the same slots (gathered, never merged)."""
         for i in range(self.layer):
             entry = cache.layers[i]
-            if not isinstance(entry, DynamicLayer) or entry.keys.shape[-2] != n:
+            held = entry.keys.shape[-2] if isinstance(getattr(entry, "keys", None), torch.Tensor) else None
+            if not isinstance(entry, DynamicLayer) or held != n:
                 raise NotImplementedError(
                     f"apply_tokencarve: carving needs a DynamicCache whose layers hold the whole prompt; layer {i} is a "
-                    f"{type(entry).__name__} holding {entry.keys.shape[-2]} of {n} tokens (static, quantized or "
-                    f"offloaded caches and prompts longer than a sliding window are not supported)")
+                    f"{type(entry).__name__} with {held} slots for the {n}-token prompt (static, quantized or offloaded caches "
+                    f"and prompts longer than a sliding window are not supported)")
             index = src[:, None, :, None].expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1])
             entry.keys = entry.keys.gather(2, index)
             entry.values = entry.values.gather(2, index[..., :1].expand(-1, -1, -1, entry.values.shape[-1]))
