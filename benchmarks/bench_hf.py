@@ -11,7 +11,8 @@ side by side, so only the ratios mean anything:
 The FLOP column is the speed-up the text model's FLOPs predict for the prefill (layers 0..layer-1 on N
 tokens, the others on N - 576 + T; the vision tower is outside it).
 
-    python -m benchmarks.bench_hf                      # CPU: 8 layers, D = 1024 (a few minutes on 2 cores)
+    python -m benchmarks.bench_hf --threads 1          # CPU: 8 layers, D = 1024 (about 2 minutes); on a shared
+                                                       # machine one thread gives steadier ratios than two
     python -m benchmarks.bench_hf --device cuda        # GPU: LLaVA-1.5-7B shapes in bf16, TTFT and decode
 """
 
@@ -193,7 +194,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=None, help="timed prefills per configuration (default 5 CPU, 10 GPU)")
     parser.add_argument("--decode", type=int, default=None, help="decode steps timed (default 0 on CPU, 64 on GPU)")
     parser.add_argument("--no-authors", action="store_true", help="skip the eager + full-SVD emulation")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     repeats = args.repeats or (10 if gpu else 5)

@@ -403,6 +403,9 @@ class TokenCarveHandle:
         lengths = [im.length for im in images]
         budgets = [im.budget for im in images]
         if self.carve_fn is None:
+            if all(t >= n for t, n in zip(budgets, lengths)):   # every image kept whole: no scores to compute
+                keep = torch.cat([torch.arange(n, device=hidden.device) for n in lengths])
+                return lengths, hidden, keep
             if len(set(lengths)) == 1 and len(set(budgets)) == 1:
                 n, length = len(images), lengths[0]
                 carved, keep = tk.carve(hidden.view(n, length, -1), attn.view(n, length), budgets[0], self.attn_weight,
