@@ -74,9 +74,8 @@ def _image_lengths(inputs):
     return (inputs["input_ids"] == hm.IMAGE_TOKEN).sum(dim=1).tolist()
 
 
-def _layers(model):
-    core = model.model
-    return core.language_model
+def _text_model(model):
+    return model.model.language_model
 
 
 def _hook_count(model):
@@ -87,7 +86,7 @@ def _hook_count(model):
 def test_keep_all_is_the_unpatched_model_and_remove_restores_it(family):
     name, model, make = family
     inputs = make([[4, "img", 6], [2, "img", 3, "img", 5]])
-    attn_config = _layers(model).layers[LAYER - 1].self_attn.config
+    attn_config = _text_model(model).layers[LAYER - 1].self_attn.config
     registered = set(transformers.AttentionInterface._global_mapping)
     with torch.no_grad():
         ref = model(**inputs).logits
@@ -102,7 +101,7 @@ def test_keep_all_is_the_unpatched_model_and_remove_restores_it(family):
     assert torch.equal(tokens, ref_tokens)
     # removed: hooks, attention entry, config and method wrapper gone; bit-identical behaviour
     assert _hook_count(model) == hooks
-    assert _layers(model).layers[LAYER - 1].self_attn.config is attn_config
+    assert _text_model(model).layers[LAYER - 1].self_attn.config is attn_config
     assert set(transformers.AttentionInterface._global_mapping) == registered
     assert "get_image_features" not in vars(model.model)
     with torch.no_grad():
@@ -142,7 +141,7 @@ def test_kept_tokens_keep_their_positions_in_prefill_and_decode(family):
     unpatched model's at the kept tokens' original positions (3-D for Qwen2-VL)."""
     name, model, make = family
     inputs = make([[3, "img", 4], [5, "img", 2]], side="left")
-    lm = _layers(model)
+    lm = _text_model(model)
     seen = []
     hook = lm.layers[LAYER].self_attn.register_forward_pre_hook(   # what the layer's attention receives
         lambda m, a, kw: seen.append((kw["position_embeddings"][0].clone(), kw.get("position_ids"))), with_kwargs=True)
@@ -177,7 +176,7 @@ def test_equals_layers_run_by_hand_around_python_ref_carve(name):
     model, make = FAMILIES[name]()
     eager, _ = FAMILIES[name]("eager")
     inputs = make([[3, "img", 2, "img", 4]])
-    lm = _layers(model)
+    lm = _text_model(model)
     captured = {}
     hook = lm.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
     with torch.no_grad():
@@ -320,7 +319,7 @@ class _SquareMatrices(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _square_matrices(model, inputs, lengths):
-    lm = _layers(model)
+    lm = _text_model(model)
     mode = _SquareMatrices(lengths)
     hooks = [lm.register_forward_pre_hook(lambda *a: [mode.__enter__()] and None),
              lm.register_forward_hook(lambda *a: mode.__exit__(None, None, None))]

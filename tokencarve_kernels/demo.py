@@ -134,7 +134,7 @@ def tiny_llava_end_to_end(budget: int = 128) -> dict:
     from .integrations.hf import apply_tokencarve
 
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(llava_15_config(4, 256, 2, 64)).eval()
+    model = LlavaForConditionalGeneration(llava_15_config(4, 128, 2, 64)).eval()
     with torch.no_grad():   # wider than the default 0.02 init, or greedy decoding repeats one token whatever the input
         for param in model.parameters():
             if param.dim() == 2:
@@ -162,7 +162,7 @@ def tiny_llava_end_to_end(budget: int = 128) -> dict:
     start = LLAVA_PROMPT[0]
     kept_visual = int(((kept >= start) & (kept < start + NUM_VISUAL)).sum())
     print(f"\nTiny LLaVA-1.5 end to end (random weights, transformers; 576 visual tokens in a {n}-token prompt, "
-          f"text model 4 layers x 256): apply_tokencarve(model, budget={budget})")
+          f"text model 4 layers x 128): apply_tokencarve(model, budget={budget})")
     for label, run_ in (("without carving", plain), (f"TokenCarve T={budget}", carved)):
         print(f"  {label:<16} prompt in KV cache {run_['cached']:>4} tokens, {run_['kv_bytes'] / 2**20:5.2f} MiB, "
               f"prefill {run_['prefill_ms']:7.1f} ms, generated ids {run_['tokens']}")
