@@ -5,7 +5,9 @@ The input is embedded (generated from a fixed seed): 576 visual tokens of width 
 spectrum, and a last-query attention that peaks on the object. Prints, per budget: tokens kept, the
 KV cache saved for LLaVA-1.5-7B, and the time of `carve` against the authors' scoring (a float32 SVD with
 full matrices) measured side by side; then the 24 x 24 grid of kept / merged / dropped patches, also
-written as a PNG.
+written as a PNG. Then, when transformers is installed, a tiny random-weight LLaVA-1.5 (the real image
+layout: 576 visual tokens in a 642-token prompt, a narrow 4-layer text model) generates end to end without
+and with `apply_tokencarve`, and both outputs and the savings are printed.
 
     python -m tokencarve_kernels.demo [--png PATH] [--repeats N]
 """
@@ -95,10 +97,88 @@ def write_png(path: str, grids: list[list[str]], cell: int = 12, gap: int = 24) 
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
 
 
+LLAVA_IMAGE_TOKEN = 32000
+LLAVA_PROMPT = (36, 30)      # system tokens before the image, question tokens after it
+LLAVA_NEW_TOKENS = 12
+
+
+def llava_15_config(text_layers: int, text_dim: int, vision_layers: int, vision_dim: int):
+    """A LLaVA-1.5 config with the real image layout (CLIP at 336 px, 14 px patches: 576 visual tokens, [CLS]
+    dropped, penultimate ViT layer, <image> = token 32000 of a 32064-word Llama vocabulary) and chosen widths.
+    LLaVA-1.5-7B is llava_15_config(32, 4096, 24, 1024)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=vision_dim, intermediate_size=4 * vision_dim, num_hidden_layers=vision_layers,
+                              num_attention_heads=max(1, vision_dim // 64), image_size=336, patch_size=14,
+                              projection_dim=min(768, vision_dim))
+    text = LlamaConfig(hidden_size=text_dim, intermediate_size=11008 * text_dim // 4096, num_hidden_layers=text_layers,
+                       num_attention_heads=max(1, text_dim // 128), vocab_size=32064, max_position_embeddings=4096,
+                       pad_token_id=0)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=LLAVA_IMAGE_TOKEN,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=NUM_VISUAL)
+
+
+def llava_prompt(seed: int = 0) -> dict:
+    """input_ids [1, 642] (36 system tokens, 576 image tokens, 30 question tokens) and one 336 px picture."""
+    gen = torch.Generator().manual_seed(seed)
+    before, after = LLAVA_PROMPT
+    ids = torch.cat([torch.ones(1, dtype=torch.long), torch.randint(100, 32000, (before - 1,), generator=gen),
+                     torch.full((NUM_VISUAL,), LLAVA_IMAGE_TOKEN), torch.randint(100, 32000, (after,), generator=gen)])
+    return {"input_ids": ids[None], "pixel_values": torch.randn(1, 3, 336, 336, generator=gen)}
+
+
+def tiny_llava_end_to_end(budget: int = 128) -> dict:
+    """Generate with a tiny random LLaVA-1.5 without and with TokenCarve; print both outputs and the savings."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .integrations.hf import apply_tokencarve
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(llava_15_config(4, 128, 2, 64)).eval()
+    with torch.no_grad():   # wider than the default 0.02 init, or greedy decoding repeats one token whatever the input
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.1)
+    inputs = llava_prompt()
+    n = inputs["input_ids"].shape[1]
+
+    def run() -> dict:
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            prefill_ms = (time.perf_counter() - start) * 1e3
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            tokens = model.generate(**inputs, max_new_tokens=LLAVA_NEW_TOKENS, min_new_tokens=LLAVA_NEW_TOKENS,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+        return {"tokens": tokens[0, n:].tolist(), "cached": cache.layers[0].keys.shape[-2], "prefill_ms": prefill_ms,
+                "kv_bytes": sum(entry.keys.nbytes + entry.values.nbytes for entry in cache.layers)}
+
+    with torch.no_grad():
+        model(**inputs)   # warm-up
+    plain = run()
+    with apply_tokencarve(model, budget=budget) as handle:
+        carved = run()
+        kept = handle.kept_positions[0]
+    start = LLAVA_PROMPT[0]
+    kept_visual = int(((kept >= start) & (kept < start + NUM_VISUAL)).sum())
+    print(f"\nTiny LLaVA-1.5 end to end (random weights, transformers; 576 visual tokens in a {n}-token prompt, "
+          f"text model 4 layers x 128): apply_tokencarve(model, budget={budget})")
+    for label, run_ in (("without carving", plain), (f"TokenCarve T={budget}", carved)):
+        print(f"  {label:<16} prompt in KV cache {run_['cached']:>4} tokens, {run_['kv_bytes'] / 2**20:5.2f} MiB, "
+              f"prefill {run_['prefill_ms']:7.1f} ms, generated ids {run_['tokens']}")
+    same = sum(a == b for a, b in zip(plain["tokens"], carved["tokens"]))
+    print(f"  savings: {n - carved['cached']} of {n} prompt tokens ({1 - carved['cached'] / n:.0%}) and "
+          f"{1 - carved['kv_bytes'] / plain['kv_bytes']:.0%} of the KV cache ({kept_visual} visual tokens kept); "
+          f"prefill {plain['prefill_ms'] / carved['prefill_ms']:.2f}x faster (one run each). {same} of "
+          f"{LLAVA_NEW_TOKENS} generated tokens agree: with random weights that says nothing about accuracy.")
+    return {"plain": plain, "carved": carved, "prompt_tokens": n, "kept_visual": kept_visual}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--png", default="tokencarve_demo.png", help="where to write the kept/merged/dropped grids")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--no-llava", dest="llava", action="store_false", help="skip the tiny LLaVA generation")
     args = parser.parse_args(argv)
 
     hidden, attn = embedded_image()
@@ -136,6 +216,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("   ".join(grid[r] for grid in grids))
     write_png(args.png, grids)
     print(f"\nwrote {args.png}")
+    if args.llava:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("\n(transformers is not installed: pip install 'tokencarve-kernels[hf]' for the tiny LLaVA run)")
+        else:
+            tiny_llava_end_to_end()
     return rows
 
 
