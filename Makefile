@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned: this CPU build lies on the machine's disk; a looser spec can pull a multi-GB CUDA build.
-DEPS := torch==2.13.0 "triton>=3.6,<3.10" numpy pytest pytest-benchmark ninja pybind11 setuptools wheel
+# transformers: the HF integration and its tests (the [hf] extra allows >=5.17,<6; CI runs the current release).
+DEPS := torch==2.13.0 "triton>=3.6,<3.10" numpy pytest pytest-benchmark ninja pybind11 setuptools wheel transformers==5.24.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
 .PHONY: demo test build clean test-vllm
