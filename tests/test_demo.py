@@ -5,7 +5,7 @@ from tokencarve_kernels import demo
 
 def test_demo_prints_table_and_writes_png(tmp_path, capsys):
     png = tmp_path / "grid.png"
-    rows = demo.main(["--png", str(png), "--repeats", "1"])
+    rows = demo.main(["--png", str(png), "--repeats", "1", "--no-llava"])  # the LLaVA section: test_hf.py
     out = capsys.readouterr().out
     assert [r["budget"] for r in rows] == [192, 128, 64]
     for row in rows:
