@@ -476,7 +476,7 @@ AUTHORS_OF = {
     "carve": ("carve", "authors_scoring"),
 }
 SUMMARY_COLUMNS = ["op", "impl", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "x_python_ref", "x_authors",
-                   "gbps", "tflops", "ratio_to_floor"]
+                   "gbps", "tflops", "bw_fraction", "matmul_fraction", "ratio_to_floor"]
 
 
 def summarize(rows: list[dict]) -> list[dict]:

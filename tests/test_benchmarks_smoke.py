@@ -119,11 +119,14 @@ def test_measure_many_interleaves_and_bounds_the_calls():
 
 def test_run_rewrites_the_results_block(tmp_path):
     results = tmp_path / "RESULTS.md"
-    results.write_text(f"# Results\n\nkept text\n\n{run.BEGIN}\nold\n{run.END}\n\ntrailer\n")
+    begin, end = run.markers("cpu")
+    gpu_block = "{}\nGPU: not yet measured\n{}\n".format(*run.markers("cuda"))  # another device's block stays
+    results.write_text(f"# Results\n\nkept text\n\n{begin}\nold\n{end}\n\n{gpu_block}trailer\n")
     run.main(["--shapes", "tiny", "--batch", "1", "--repeats", "3", "--max-seconds", "0.05", "--csv",
               str(tmp_path / "r.csv"), "--results", str(results)])
     text = results.read_text()
-    assert text.startswith("# Results\n\nkept text\n") and text.endswith("\ntrailer\n") and "\nold\n" not in text
+    assert text.startswith("# Results\n\nkept text\n") and text.endswith(f"\n{gpu_block}trailer\n")
+    assert "\nold\n" not in text and text.count(begin) == 1
     assert "Command: `python -m benchmarks.run --shapes tiny" in text
     assert "| op | impl | shape |" in text and "| carve | authors_scoring |" in text
     assert "carve vs python_ref.carve" in text and "Measured ceilings" in text
