@@ -17,6 +17,7 @@ therefore a lower bound no implementation of that method can beat on this device
 """
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -211,9 +212,14 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "python": sys.version.split()[0]}
 
 
-@functools.cache
 def ceilings(device_str: str) -> dict:
-    """Measured copy bandwidth (GB/s, read + write) and float32/float64 matmul rates (TFLOP/s)."""
+    """Measured copy bandwidth (GB/s, read + write) and float32/float64 matmul rates (TFLOP/s), with the
+    threads torch uses now."""
+    return _ceilings(device_str, torch.get_num_threads())
+
+
+@functools.cache
+def _ceilings(device_str: str, threads: int) -> dict:
     device = torch.device(device_str)
     n_bytes = (1 << 28) if device.type == "cuda" else (1 << 26)
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
@@ -358,6 +364,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", default=list(STANDARD_SHAPES), choices=list(SHAPES))
     p.add_argument("--full", action="store_true", help=f"shapes {', '.join(FULL_SHAPES)} (overrides --shapes)")
     p.add_argument("--impls", nargs="+", help="run only these implementations (default: all)")
+    p.add_argument("--threads", type=int, help="torch CPU threads while timing (default: torch's). 1 is steadier on a "
+                   "shared machine: a parallel region's threads wait for each other, and a busy core stalls them all")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per impl at most")
     p.add_argument("--max-seconds", type=float, default=10.0,
                    help="timing budget per impl and point; every impl gets %d calls at least" % MIN_RUNS)
@@ -419,6 +427,23 @@ def sweep(name: str, args: argparse.Namespace, cases_fn: CasesFn, check_fn: Line
     """Every (shape, batch, dtype) point of args: build the cases, skip what does not fit, time the rest side
     by side, append their rows to the CSV, print ratios_fn's lines on their rows and check_fn's on their
     outputs (check_fn raises when an output is wrong), print the table."""
+    with cpu_threads(args.threads):
+        return _sweep(name, args, cases_fn, check_fn, ratios_fn)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """torch's CPU threads set to count (None: unchanged) inside the block, restored after it."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sweep(name, args, cases_fn, check_fn, ratios_fn) -> Report:
     device = torch.device(args.device)
     shapes = FULL_SHAPES if args.full else args.shapes
     points = [(SHAPES[s], b, d) for s in shapes for b in args.batch for d in args.dtype]

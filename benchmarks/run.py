@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> harness.Report:
     parser.add_argument("--results", help="rewrite the generated block of this markdown file (benchmarks/RESULTS.md)")
     parser.add_argument("--plot", action="store_true", help="render benchmarks/out/*.png from the CSV afterwards")
     args = parser.parse_args(argv)
+    with harness.cpu_threads(args.threads):
+        return _main(args, argv)
+
+
+def _main(args, argv: list[str]) -> harness.Report:
     table = not args.no_table
     args.no_table = True
     start = time.perf_counter()

@@ -108,6 +108,13 @@ def test_skips_name_the_reason(tmp_path):
     assert all("--max-case-seconds" in s["reason"] for s in report.skips)
 
 
+def test_threads_apply_while_timing_and_are_restored(tmp_path):
+    before = torch.get_num_threads()
+    report = bench_select.main(["--shapes", "tiny", "--batch", "1", "--threads", "1", "--no-csv", "--no-table"])
+    assert all(r["device"].endswith("(1 threads)") for r in report.rows) and report.rows
+    assert torch.get_num_threads() == before
+
+
 def test_measure_many_interleaves_and_bounds_the_calls():
     calls = []
     fns = [lambda i=i: calls.append(i) for i in range(2)]
