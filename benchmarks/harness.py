@@ -371,6 +371,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="timing budget per impl and point; every impl gets %d calls at least" % MIN_RUNS)
     p.add_argument("--max-case-seconds", type=float, default=120.0,
                    help="skip an impl whose floor alone, over its %d calls, exceeds this" % (MIN_RUNS + 1))
+    p.add_argument("--dry-run", action="store_true",
+                   help="time nothing: list what would be timed (with its floor) and what would be skipped, and why")
     p.add_argument("--csv", default=RESULTS_CSV, help="results file (appended)")
     p.add_argument("--no-csv", action="store_true")
     p.add_argument("--no-table", action="store_true", help="print no table at the end (benchmarks.run prints one)")
@@ -460,6 +462,10 @@ def _sweep(name, args, cases_fn, check_fn, ratios_fn) -> Report:
                                      "dtype": dtype_name, "reason": reason})
             else:
                 runnable.append(case)
+        if args.dry_run:
+            report.notes += [f"would time {c.op} {c.impl} at {label(shape, batch)} {dtype_name}: floor "
+                             f"{floor_of(c.bytes, c.flops, c.flop_dtype, device) / 1e3:.3g} s per call" for c in runnable]
+            continue
         if not runnable:
             continue
         stats, outputs = measure_many([c.fn for c in runnable], device, repeats=args.repeats, max_seconds=args.max_seconds)
@@ -476,6 +482,7 @@ def _sweep(name, args, cases_fn, check_fn, ratios_fn) -> Report:
         report.notes += lines
     if not args.no_table:
         print_table(summarize(report.rows), SUMMARY_COLUMNS)
+        print("\n".join(n for n in report.notes if n.startswith("would time")))
         print_skips(report.skips)
     return report
 
