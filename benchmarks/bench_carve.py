@@ -56,7 +56,7 @@ def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.de
     part_attn, part_info = scores(shape, batch, device)
     return [
         harness.Case(OP, package, lambda: tk.carve(x, attn, t, check_finite=False), io,
-                     batch * bench_info_scores.exact_flops(nv, d) + merge_flops, "fp64"),
+                     batch * bench_info_scores.exact_flops(nv, d) + merge_flops, harness.package_flop_dtype(device)),
         harness.Case(OP, "python_ref", lambda: python_ref.carve(x, attn, t), io,
                      batch * bench_info_scores.thin_svd_flops(nv, d) + merge_flops, "fp64", "float64 thin SVD", ref_peak),
         harness.Case(OP, "authors_scoring", lambda: python_ref.authors_info_scores(x), batch * (e * nv * d + 4 * nv),
@@ -119,7 +119,7 @@ def check(shape, batch, dtype, outputs) -> list[str]:
             raise AssertionError(f"carve at {where}: keep_idx differs from python_ref (float64 SVD) in images "
                                  f"{(~same).nonzero().flatten().tolist()}")
         err = rel_err(carved, ref_carved)
-        if not err <= harness.PACKAGE_TOLERANCE:
+        if not err <= harness.state_tolerance(dtype):
             raise AssertionError(f"carve at {where}: carved states differ from python_ref's, rel err {err:.1e}")
         lines.append(f"  selections: keep_idx identical to python_ref.carve (float64 thin SVD scores) in "
                      f"{batch}/{batch} images; carved states rel err {err:.1e}")

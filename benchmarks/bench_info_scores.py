@@ -68,10 +68,9 @@ def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.de
     op_peak = threads * 8 * (nv * d + 3 * n * n)
     ref_peak = batch * 8 * (3 * nv * d + 2 * m * n)
     authors_peak = 4 * (2 * nv * d + m * m + n * n)
-    package = harness.package_impl(EXACT, device)
     out = [
-        harness.Case(EXACT, package, lambda: tk.info_scores(x, check_finite=False), io, batch * exact_flops(nv, d),
-                     "fp64" if package == "tokencarve" else "fp32", "Gram + eigh", op_peak),
+        harness.Case(EXACT, harness.package_impl(EXACT, device), lambda: tk.info_scores(x, check_finite=False), io, batch * exact_flops(nv, d),
+                     harness.package_flop_dtype(device), "Gram + eigh", op_peak),
         harness.Case(EXACT, "python_ref", lambda: python_ref.info_scores(x), io, batch * thin_svd_flops(nv, d), "fp64",
                      "float64 thin SVD", ref_peak),
         harness.Case(EXACT, "authors", lambda: python_ref.authors_info_scores(x), io, batch * full_svd_flops(nv, d),
@@ -83,7 +82,7 @@ def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.de
         out += [
             harness.Case(RANDOMIZED, harness.package_impl(RANDOMIZED, device),
                          lambda: tk.info_scores(x, rank=rank, seed=0, check_finite=False), io, flops,
-                         "fp64" if package == "tokencarve" else "fp32", f"rank {rank}", op_peak),
+                         harness.package_flop_dtype(device), f"rank {rank}", op_peak),
             harness.Case(RANDOMIZED, "python_ref", lambda: python_ref.info_scores(x, rank=rank, seed=0), io, flops,
                          "fp64", f"rank {rank}, float64", ref_peak),
         ]

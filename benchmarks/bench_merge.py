@@ -57,7 +57,7 @@ def check(shape, batch, dtype, outputs) -> list[str]:
             raise AssertionError(f"{OP} {impl} at {harness.label(shape, batch)} {dtype}: keep_idx differs from python_ref")
         if impl != "python_ref":
             err = rel_err(carved, ref[0])
-            if not err <= harness.PACKAGE_TOLERANCE:
+            if not err <= harness.state_tolerance(dtype):
                 raise AssertionError(f"{OP} {impl} at {harness.label(shape, batch)} {dtype}: carved rel err {err:.1e}")
             errs.append(f"{impl} {err:.1e}")
     return [f"{OP} {harness.label(shape, batch)} {dtype}: keep_idx identical to python_ref; carved rel err {', '.join(errs)}"]

@@ -11,6 +11,10 @@ bandwidth, flops over the measured matmul rate, whichever is larger) and the rat
 both ceilings reached, plus the device name, torch/triton versions and git SHA. Rows are appended to
 benchmarks/out/results.csv; benchmarks/plot.py renders PNGs from it. Absolute CPU times are for ratios only.
 
+An impl that cannot fit a point (estimated peak memory over half the free memory, or a floor alone over
+--max-case-seconds) is skipped with the reason printed and reported. --threads sets torch's CPU threads
+while timing: on a shared machine one thread gives steadier ratios than two.
+
 Cost models count compulsory work: `bytes` is each input read once and each output written once in its
 own dtype; `flops` is the arithmetic the method needs (each script says what it counts). The floor is
 therefore a lower bound no implementation of that method can beat on this device.
@@ -386,6 +390,17 @@ LinesFn = Callable[[Shape, int, str, dict], list[str]]
 # The package's outputs must match python_ref's to this relative error (max |diff| / max |ref|) for the
 # benchmark to count: a gross check that the right computation was timed, not the tests' tolerance.
 PACKAGE_TOLERANCE = 1e-3
+
+
+def state_tolerance(dtype: str) -> float:
+    """PACKAGE_TOLERANCE for hidden states in dtype (fp16 / bf16 outputs may differ by a rounding)."""
+    return max(PACKAGE_TOLERANCE, 2 * torch.finfo(DTYPES[dtype]).eps)
+
+
+def package_flop_dtype(device: torch.device) -> str:
+    """The matmul rate that bounds the package's scoring: float64 Gram on the CPU; on CUDA the Triton kernels
+    are taken to run float32 (if they ran float64, the floor would be optimistic)."""
+    return "fp64" if device.type == "cpu" else "fp32"
 
 
 def compare_scores(op: str, shape: Shape, batch: int, dtype: str, outputs: dict) -> list[str]:
