@@ -8,7 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +17,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels.h"
 
 namespace tokencarve {
 namespace {
@@ -200,6 +200,8 @@ void merge_image(const scalar_t* image, const int64_t* order, const float* sizes
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu(const at::Tensor& hidden, const at::Tensor& order,
                                                          int64_t budget, c10::string_view mode_name,
                                                          const std::optional<at::Tensor>& sizes) {
@@ -228,9 +230,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cpu(const at::Tensor& hidde
   });
   return {carved, keep_idx, carved_sizes};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(tokencarve, CPU, m) { m.impl("merge", &merge_cpu); }
 
 }  // namespace tokencarve

@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels.h"
 
 namespace tokencarve {
 namespace {
@@ -26,6 +26,8 @@ void descending_ranks(const double* score, int64_t n, std::vector<int64_t>& idx,
   std::sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
   for (int64_t p = 0; p < n; ++p) ranks[idx[p]] = p;
 }
+
+}  // namespace
 
 at::Tensor select_cpu(const at::Tensor& attn, const at::Tensor& info, int64_t budget, double attn_weight) {
   check_select(attn, info, budget, attn_weight);
@@ -61,9 +63,5 @@ at::Tensor select_cpu(const at::Tensor& attn, const at::Tensor& info, int64_t bu
   });
   return order;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(tokencarve, CPU, m) { m.impl("select", &select_cpu); }
 
 }  // namespace tokencarve
