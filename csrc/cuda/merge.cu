@@ -24,7 +24,8 @@
 // Values of `order` are the caller's promise (select returns valid ones): a token outside [0, Nv) or a
 // repeated token stops the kernel with a device-side assertion instead of reading out of bounds.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <cub/block/block_scan.cuh>
 

@@ -12,7 +12,9 @@
 //               atomicAdd (integer sums do not depend on the order of the additions), then tokens are
 //               scattered to their rank. O(Nv^2) comparisons, spread over the whole GPU, no scratch sort.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
