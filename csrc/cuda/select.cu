@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kPad / 2)
   bitonic_sort<kPad>(key, index);
   // Position p now holds the token whose information rank is p. Replace its key by its fused score in
   // place (each thread rewrites only the slots it reads); the sentinels in [Nv, kPad) keep -inf, below every
-  // fused score (>= min(lam, 1 - lam) > 0 or, with lam in {0, 1}, >= 1).
+  // fused score (both ranks are below Nv, so s >= lam + (1 - lam) = 1).
   const double nv = static_cast<double>(num_visual);
   for (int p = threadIdx.x; p < num_visual; p += kThreads) key[p] = fused_score(lam, nv, rank_attn[index[p]], p);
   bitonic_sort<kPad>(key, index);
