@@ -13,25 +13,26 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# No fused multiply-add: fused scores and dot products round the same way on every machine (see
+# csrc/cpu/select.cpp and merge.cpp). tests/test_cuda_build.py compiles csrc/cuda/*.cu with NVCC_FLAGS.
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-DTOKENCARVE_PYTHON_MODULE"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "--fmad=false", "--expt-relaxed-constexpr", "-DTOKENCARVE_WITH_CUDA"]
+
 
 def sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
 def extension():
-    # -ffp-contract=off: no fused multiply-add, so fused scores and dot products round the same way
-    # on every machine (see csrc/cpu/select.cpp and merge.cpp).
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-DTOKENCARVE_PYTHON_MODULE"]
     cpu_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("TOKENCARVE_NO_CUDA") != "1"
     if not with_cuda:
-        return CppExtension("tokencarve_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("tokencarve_kernels._C", cpu_sources, extra_compile_args={"cxx": CXX_FLAGS})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc = ["-O3", "-std=c++20", "--fmad=false", "--expt-relaxed-constexpr", "-DTOKENCARVE_WITH_CUDA"]
     return CUDAExtension(
         "tokencarve_kernels._C",
         cpu_sources + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx + ["-DTOKENCARVE_WITH_CUDA"], "nvcc": nvcc},
+        extra_compile_args={"cxx": CXX_FLAGS + ["-DTOKENCARVE_WITH_CUDA"], "nvcc": NVCC_FLAGS},
     )
 
 

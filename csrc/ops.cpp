@@ -1,7 +1,9 @@
-// The tokencarve operator library: every schema in one place, the Meta kernels that give output shapes
-// (torch.compile, FakeTensor, CUDA-graph capture), and `carve` composed from the other ops through the
-// dispatcher, so each device's kernels for the stages are picked up wherever they are registered
-// (C++ CPU kernels in csrc/cpu, C++ CUDA kernels in csrc/cuda, Triton kernels from Python).
+// The tokencarve operator library, registered in this one file: every schema, the Meta kernels that give
+// output shapes (torch.compile, FakeTensor, CUDA-graph capture), the composite ops (carve composed from the
+// stages through the dispatcher, so each device's stage kernels are picked up wherever they are registered;
+// carve_varlen; gather_kv), and the device kernels declared in kernels.h: C++ CPU kernels (csrc/cpu) and,
+// in a CUDA build, the C++ CUDA kernels of select and merge (csrc/cuda). The CUDA kernels of the score ops
+// are Triton kernels that tokencarve_kernels registers from Python.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -10,10 +12,10 @@
 #include <vector>
 
 #include "checks.h"
+#include "kernels.h"
 
 namespace tokencarve {
 namespace {
-
 
 // ---- Meta kernels: the same checks as the real kernels, then outputs of the right shape. ----
 
@@ -202,6 +204,21 @@ TORCH_LIBRARY_IMPL(tokencarve, CompositeExplicitAutograd, m) {
   m.impl("carve_varlen", &carve_varlen_composite);
   m.impl("gather_kv", &gather_kv_composite);
 }
+
+TORCH_LIBRARY_IMPL(tokencarve, CPU, m) {
+  m.impl("info_scores", &info_scores_cpu);
+  m.impl("last_query_attention", &last_query_attention_cpu);
+  m.impl("last_query_attention_varlen", &last_query_attention_varlen_cpu);
+  m.impl("select", &select_cpu);
+  m.impl("merge", &merge_cpu);
+}
+
+#ifdef TOKENCARVE_WITH_CUDA
+TORCH_LIBRARY_IMPL(tokencarve, CUDA, m) {
+  m.impl("select", &select_cuda);
+  m.impl("merge", &merge_cuda);
+}
+#endif
 
 }  // namespace tokencarve
 

@@ -5,6 +5,7 @@ import torch
 
 import python_ref
 import tokencarve_kernels as tk
+from tests.devices import DEVICES, requires_cuda
 from tests.inputs import attention_scores, hidden_states, queries_keys
 
 
@@ -15,9 +16,12 @@ def _inputs(batch=3, nv=48, dim=40, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("nv, dim, budget", [(1, 4, 1), (7, 9, 3), (48, 40, 12), (48, 40, 47), (48, 40, 32), (97, 33, 64), (20, 8, 50)])
 @pytest.mark.parametrize("merge", ["mean", "similarity", "size"])
-def test_carve_matches_reference(nv, dim, budget, merge, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_carve_matches_reference(nv, dim, budget, merge, dtype, device):
     hidden, attn = _inputs(3, nv, dim, seed=nv + budget, dtype=dtype)
-    carved, keep_idx = tk.carve(hidden, attn, budget, merge=merge)
+    carved, keep_idx = tk.carve(hidden.to(device), attn.to(device), budget, merge=merge)
+    assert carved.device.type == device and keep_idx.device.type == device
+    carved, keep_idx = carved.cpu(), keep_idx.cpu()
     ref_carved, ref_keep = python_ref.carve(hidden, attn, budget, merge_mode=merge)
     t = min(budget, nv)
     assert carved.shape == (3, t, dim) and carved.dtype == dtype and keep_idx.shape == (3, t)
@@ -27,21 +31,25 @@ def test_carve_matches_reference(nv, dim, budget, merge, dtype):
 
 
 @pytest.mark.parametrize("attn_weight", [0.0, 0.25, 1.0])
-def test_carve_randomized_and_weights_match_reference(attn_weight):
+@pytest.mark.parametrize("device", DEVICES)
+def test_carve_randomized_and_weights_match_reference(attn_weight, device):
     hidden, attn = _inputs(2, 64, 48, seed=1)
-    out = tk.carve(hidden, attn, 16, attn_weight=attn_weight, rank=8, seed=3)
+    out = tk.carve(hidden.to(device), attn.to(device), 16, attn_weight=attn_weight, rank=8, seed=3)
     ref = python_ref.carve(hidden, attn, 16, attn_weight=attn_weight, rank=8, seed=3)
-    assert torch.equal(out[1], ref[1])
+    assert torch.equal(out[1].cpu(), ref[1])
 
 
-def test_budget_at_least_nv_returns_input_unchanged():
+@pytest.mark.parametrize("device", DEVICES)
+def test_budget_at_least_nv_returns_input_unchanged(device):
     hidden, attn = _inputs(2, 30, 16)
-    carved, keep_idx = tk.carve(hidden, attn, 30)
-    assert torch.equal(carved, hidden) and torch.equal(keep_idx, torch.arange(30).expand(2, 30))
+    carved, keep_idx = tk.carve(hidden.to(device), attn.to(device), 30)
+    assert torch.equal(carved.cpu(), hidden) and torch.equal(keep_idx.cpu(), torch.arange(30).expand(2, 30))
 
 
-def test_batch_of_three_equals_three_single_calls():
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_of_three_equals_three_single_calls(device):
     hidden, attn = _inputs(3, 96, 64, seed=2)
+    hidden, attn = hidden.to(device), attn.to(device)
     carved, keep_idx = tk.carve(hidden, attn, 24, rank=4)
     for b in range(3):
         c1, k1 = tk.carve(hidden[b : b + 1], attn[b : b + 1], 24, rank=4)
@@ -73,12 +81,13 @@ def test_inputs_are_not_modified():
     assert torch.equal(hidden.view(torch.int32), h0.view(torch.int32)) and torch.equal(attn, a0)
 
 
-def test_empty_batch_gives_empty_outputs():
-    hidden, attn = torch.empty(0, 20, 8), torch.empty(0, 20)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_gives_empty_outputs(device):
+    hidden, attn = torch.empty(0, 20, 8, device=device), torch.empty(0, 20, device=device)
     carved, keep_idx = tk.carve(hidden, attn, 5)
     assert carved.shape == (0, 5, 8) and keep_idx.shape == (0, 5)
     assert tk.info_scores(hidden).shape == (0, 20)
-    q, k = torch.empty(0, 4, 8), torch.empty(0, 2, 30, 8)
+    q, k = torch.empty(0, 4, 8, device=device), torch.empty(0, 2, 30, 8, device=device)
     assert tk.last_query_attention(q, k, 3, 10, 0.3).shape == (0, 10)
 
 
@@ -110,11 +119,13 @@ def test_reference_backend_gives_the_same_answer():
 
 # ---- the op contract: opcheck, torch.compile ----
 
-def _op_cases():
+def _op_cases(device="cpu"):
+    """One call of every op (keep this list complete: test_every_op_has_a_case)."""
     hidden, attn = _inputs(2, 24, 16, seed=6)
     info = python_ref.info_scores(hidden)
     order = python_ref.select(attn, info, 8)
     q, k = queries_keys(2, 4, 2, 30, 8)
+    hidden, attn, info, order, q, k = (t.to(device) for t in (hidden, attn, info, order, q, k))
     ops = torch.ops.tokencarve
     return [
         ("carve", ops.carve.default, (hidden, attn, 8)),
@@ -123,17 +134,37 @@ def _op_cases():
         ("info_scores_rank", ops.info_scores.default, (hidden, 4, 1)),
         ("last_query_attention", ops.last_query_attention.default, (q, k, 2, 20, 0.35)),
         ("select", ops.select.default, (attn, info, 8, 0.5)),
-        ("merge", ops.merge.default, (hidden, order, 8, "size", torch.ones(2, 24))),
+        ("merge", ops.merge.default, (hidden, order, 8, "size", torch.ones(2, 24, device=device))),
         ("last_query_attention_varlen", ops.last_query_attention_varlen.default,
-         (q, k[0].permute(1, 0, 2).contiguous(), torch.tensor([0, 12, 30]), 0.35)),
+         (q, k[0].permute(1, 0, 2).contiguous(), torch.tensor([0, 12, 30], device=device), 0.35)),
         ("carve_varlen", ops.carve_varlen.default, (hidden[0], attn[0], [10, 14], [4, 20])),
-        ("gather_kv", ops.gather_kv.default, (k, order[:, :5].sort(dim=1).values, torch.tensor([1, 3]), 24)),
+        ("gather_kv", ops.gather_kv.default,
+         (k, order[:, :5].sort(dim=1).values, torch.tensor([1, 3], device=device), 24)),
     ]
 
 
-@pytest.mark.parametrize("name, op, args", _op_cases(), ids=[c[0] for c in _op_cases()])
-def test_opcheck(name, op, args):
+CASE_NAMES = [c[0] for c in _op_cases()]
+
+
+def test_every_op_has_a_case():
+    registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("tokencarve::")}
+    assert registered == {c[1].name() for c in _op_cases()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_opcheck(name, device):
+    _, op, args = next(c for c in _op_cases(device) if c[0] == name)
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_meta_kernel_gives_the_real_shapes(name):
+    _, op, args = next(c for c in _op_cases() if c[0] == name)
+    real = op(*args)
+    meta = op(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    real, meta = (real,) if isinstance(real, torch.Tensor) else real, (meta,) if isinstance(meta, torch.Tensor) else meta
+    assert [(m.shape, m.dtype, m.device.type) for m in meta] == [(r.shape, r.dtype, "meta") for r in real]
 
 
 def test_torch_compile_fullgraph():
@@ -150,11 +181,13 @@ def test_torch_compile_fullgraph():
 
 # ---- varlen: images of different sizes packed along one axis ----
 
-def test_carve_varlen_matches_per_image_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_carve_varlen_matches_per_image_reference(device):
     seqlens, budgets = [576, 9, 1, 130], [128, 3, 1, 200]
     hidden = torch.cat([hidden_states(1, n, 48, seed=n)[0] for n in seqlens])
     attn = torch.cat([attention_scores(1, n, seed=n)[0] for n in seqlens])
-    carved, keep_idx = tk.carve_varlen(hidden, attn, seqlens, budgets, merge="similarity")
+    carved, keep_idx = tk.carve_varlen(hidden.to(device), attn.to(device), seqlens, budgets, merge="similarity")
+    carved, keep_idx = carved.cpu(), keep_idx.cpu()
     ref = python_ref.carve_varlen(hidden, attn, seqlens, budgets, merge_mode="similarity")
     assert carved.shape == (128 + 3 + 1 + 130, 48)
     assert torch.equal(keep_idx, ref[1])
@@ -172,3 +205,31 @@ def test_carve_varlen_ratio_and_errors():
         torch.ops.tokencarve.carve_varlen(hidden, attn[1:], seqlens, [1, 2])
     with pytest.raises(ValueError, match=r"budgets\[1\] must be >= 1, got 0"):
         torch.ops.tokencarve.carve_varlen(hidden, attn, seqlens, [1, 0])
+
+
+# ---- CUDA graphs (GPU only) ----
+
+@requires_cuda
+@pytest.mark.parametrize("attn_weight", [1.0, 0.5], ids=["select_merge_only", "with_info_scores"])
+def test_carve_cuda_graph_capture_and_replay(attn_weight):
+    """carve captures into a CUDA graph (no sync, no allocation outside the caching allocator, shapes fixed by
+    the inputs) and a replay on new input values gives what an eager call gives."""
+    hidden, attn = (t.cuda() for t in _inputs(2, 576, 256, seed=8))
+    eager = torch.ops.tokencarve.carve(hidden, attn, 128, attn_weight)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs advises
+        torch.ops.tokencarve.carve(hidden, attn, 128, attn_weight)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.tokencarve.carve(hidden, attn, 128, attn_weight)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(c, e) for c, e in zip(captured, eager))
+    new_hidden, new_attn = _inputs(2, 576, 256, seed=9)
+    hidden.copy_(new_hidden)
+    attn.copy_(new_attn)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(c, e) for c, e in zip(captured, torch.ops.tokencarve.carve(hidden, attn, 128, attn_weight)))

@@ -71,18 +71,37 @@ def test_info_scores_rejects():
         torch.ops.tokencarve.info_scores(H, -1)
 
 
-def test_select_and_merge_reject():
-    with pytest.raises(ValueError, match=r"tokencarve::select: info must have shape \[B, Nv\] = \[2, 10\]"):
-        torch.ops.tokencarve.select(A, A[:, :5], 4)
-    with pytest.raises(ValueError, match=r"tokencarve::select: budget must be >= 1"):
-        torch.ops.tokencarve.select(A, A, 0)
-    order = torch.ops.tokencarve.select(A, A, 4)
-    with pytest.raises(TypeError, match=r"tokencarve::merge: order must be int64, got Int"):
-        torch.ops.tokencarve.merge(H, order.int(), 4)
-    with pytest.raises(ValueError, match=r"tokencarve::merge: sizes must have shape \[B, Nv\] = \[2, 10\]"):
-        torch.ops.tokencarve.merge(H, order, 4, "size", torch.ones(2, 3))
-    with pytest.raises(ValueError, match=r"tokencarve::merge: merge must be one of"):
-        torch.ops.tokencarve.merge(H, order, 4, "max")
+ORDER = torch.ops.tokencarve.select(A, A, 4)  # [2, 6]
+SELECT_MERGE_CASES = [
+    ("select", (A, A[:, :5], 4), ValueError, r"info must have shape \[B, Nv\] = \[2, 10\], got \[2, 5\]"),
+    ("select", (A[0], A, 4), ValueError, r"attn must be a 2-D tensor \[B, Nv\], got 1-D"),
+    ("select", (A.long(), A, 4), TypeError, r"attn must be a floating-point tensor .* got Long"),
+    ("select", (A, A.int(), 4), TypeError, r"info must be a floating-point tensor .* got Int"),
+    ("select", (A, A.to("meta"), 4), ValueError, r"attn and info must be on the same device, got cpu and meta"),
+    ("select", (A, A, 0), ValueError, r"budget must be >= 1, got 0"),
+    ("select", (A, A, 4, 2.0), ValueError, r"attn_weight must be in \[0, 1\], got 2"),
+    ("merge", (H[0], ORDER, 4), ValueError, r"hidden must be a 3-D tensor \[B, Nv, D\], got 2-D"),
+    ("merge", (H.long(), ORDER, 4), TypeError, r"hidden must be a floating-point tensor .* got Long"),
+    ("merge", (H, ORDER.int(), 4), TypeError, r"order must be int64, got Int"),
+    ("merge", (H, ORDER[0], 4), ValueError, r"order must be a 2-D tensor \[B, K1\], got 1-D"),
+    ("merge", (H, ORDER, 5), ValueError, r"order must have shape \[B, K1\] = \[2, 7\] .* got \[2, 6\]"),
+    ("merge", (H, ORDER.to("meta"), 4), ValueError, r"hidden and order must be on the same device, got cpu and meta"),
+    ("merge", (H, ORDER, 4, "size", torch.ones(2, 3)), ValueError, r"sizes must have shape \[B, Nv\] = \[2, 10\]"),
+    ("merge", (H, ORDER, 4, "size", torch.ones(2, 10, device="meta")), ValueError,
+     r"hidden and sizes must be on the same device, got cpu and meta"),
+    ("merge", (H, ORDER, 4, "max"), ValueError, r"merge must be one of 'mean', 'similarity', 'size', got 'max'"),
+    ("merge", (H, ORDER, 0), ValueError, r"budget must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("op, args, exc, message", SELECT_MERGE_CASES, ids=[f"{c[0]}-{c[3][:30]}" for c in SELECT_MERGE_CASES])
+def test_select_and_merge_reject(op, args, exc, message):
+    with pytest.raises(exc, match=f"tokencarve::{op}: " + message):
+        getattr(torch.ops.tokencarve, op)(*args)
+    if "same device" not in message:  # (on meta every input is on one device)
+        # The Meta kernel (torch.compile, FakeTensor) raises the same error.
+        with pytest.raises(exc, match=f"tokencarve::{op}: " + message):
+            getattr(torch.ops.tokencarve, op)(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def test_wrapper_passes_errors_through():

@@ -5,6 +5,7 @@ import torch
 
 import python_ref
 import tokencarve_kernels as tk
+from tests.devices import DEVICES
 
 
 def test_reference_by_hand():
@@ -17,14 +18,15 @@ def test_reference_by_hand():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64], ids=str)
 @pytest.mark.parametrize("batch, heads, n, d, vis_len, t", [(1, 1, 5, 1, 5, 1), (3, 4, 50, 8, 30, 7), (2, 2, 700, 16, 576, 128)])
-def test_op_matches_reference(batch, heads, n, d, vis_len, t, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_matches_reference(batch, heads, n, d, vis_len, t, dtype, device):
     gen = torch.Generator().manual_seed(n)
     kv = (torch.randn(batch, heads, n, d, generator=gen) * 100).to(dtype)
     keep_idx = torch.stack([torch.randperm(vis_len, generator=gen)[:t].sort().values for _ in range(batch)])
     vis_start = torch.randint(0, n - vis_len + 1, (batch,), generator=gen)
-    out = tk.gather_kv(kv, keep_idx, vis_start, vis_len)
-    assert out.shape == (batch, heads, n - vis_len + t, d) and out.dtype == dtype
-    assert torch.equal(out, python_ref.gather_kv(kv, keep_idx, vis_start, vis_len))
+    out = tk.gather_kv(kv.to(device), keep_idx.to(device), vis_start.to(device), vis_len)
+    assert out.shape == (batch, heads, n - vis_len + t, d) and out.dtype == dtype and out.device.type == device
+    assert torch.equal(out.cpu(), python_ref.gather_kv(kv, keep_idx, vis_start, vis_len))
 
 
 def test_rejects_bad_input():

@@ -5,6 +5,7 @@ import torch
 
 import python_ref
 import tokencarve_kernels as tk
+from tests.devices import DEVICES, requires_cuda
 from tests.inputs import attention_scores, hidden_states
 
 # Six 2-D tokens: t2 duplicates t0, t3 points along t0, t4 along t1, t5 half-way.
@@ -63,13 +64,21 @@ def test_keep_all_returns_input_unchanged():
     assert torch.equal(sizes, torch.ones(2, 9))
 
 
-# ---- the op against the reference ----
+# ---- the op against the reference, on every device ----
 
 def _case(batch, nv, dim, budget, seed, dtype=torch.float32):
     hidden = hidden_states(batch, nv, dim, seed=seed, dtype=dtype)
     info = python_ref.info_scores(hidden)
     order = python_ref.select(attention_scores(batch, nv, seed=seed), info, budget)
     return hidden, order
+
+
+def _merge(hidden, order, budget, mode="mean", sizes=None, device="cpu"):
+    """The op on `device`, its outputs back on the CPU."""
+    sizes = None if sizes is None else sizes.to(device)
+    out = tk.merge(hidden.to(device), order.to(device), budget, mode, sizes, check_finite=False)
+    assert all(t.device.type == device for t in out)
+    return tuple(t.cpu() for t in out)
 
 
 def _assert_same(out, ref, dtype):
@@ -81,37 +90,57 @@ def _assert_same(out, ref, dtype):
     torch.testing.assert_close(carved, ref[0], rtol=torch.finfo(dtype).eps, atol=0.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", ["mean", "similarity", "size"])
 @pytest.mark.parametrize("nv, dim, budget", [(1, 8, 1), (7, 5, 3), (64, 33, 63), (96, 130, 20), (40, 17, 39), (25, 64, 2)])
-def test_merge_matches_reference(nv, dim, budget, mode, dtype):
+def test_merge_matches_reference(nv, dim, budget, mode, dtype, device):
     hidden, order = _case(3, nv, dim, budget, seed=nv * dim + budget, dtype=dtype)
     sizes = torch.randint(1, 4, (3, nv), generator=torch.Generator().manual_seed(nv)).float() if mode == "size" else None
-    _assert_same(tk.merge(hidden, order, budget, mode, sizes), python_ref.merge(hidden, order, budget, mode, sizes), dtype)
+    out = _merge(hidden, order, budget, mode, sizes, device=device)
+    _assert_same(out, python_ref.merge(hidden, order, budget, mode, sizes), dtype)
 
 
-@pytest.mark.parametrize("case", ["duplicates", "zero_rows", "all_equal_scores", "nonfinite"])
-def test_merge_adversarial(case):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["duplicates", "zero_rows", "all_zero", "all_equal_scores", "nonfinite", "nv1",
+                                  "budget_nv_minus_1"])
+def test_merge_adversarial(case, device):
     nv, dim, budget = 48, 24, 16
-    hidden = hidden_states(2, nv, dim, seed=5)
+    hidden = hidden_states(3, nv, dim, seed=5)
     if case == "duplicates":  # every source has several exactly tied best matches
         hidden = hidden[:, :6].repeat(1, nv // 6, 1)
-    elif case == "zero_rows":
+    elif case == "zero_rows":  # zero vectors: cosine 0 with everything
         hidden[:, ::3] = 0.0
+    elif case == "all_zero":  # every similarity 0: every choice is made by the tie rules
+        hidden.zero_()
     elif case == "nonfinite":
         hidden[0, 4, 1] = float("nan")
         hidden[1, 10, 0] = float("inf")
-    attn = torch.full((2, nv), 0.5) if case == "all_equal_scores" else attention_scores(2, nv)
-    info = torch.ones(2, nv) if case == "all_equal_scores" else python_ref.info_scores(hidden)
+        hidden[2, :, 0] = float("nan")  # every row of one image non-finite: similarities all -inf
+    elif case == "nv1":
+        nv, budget = 1, 1
+        hidden = hidden[:, :1]
+    elif case == "budget_nv_minus_1":  # r = 1
+        budget = nv - 1
+    attn = torch.full((3, nv), 0.5) if case == "all_equal_scores" else attention_scores(3, nv)
+    info = torch.ones(3, nv) if case in ("all_equal_scores", "nonfinite") else python_ref.info_scores(hidden)
     order = python_ref.select(attn, info, budget)
     for mode in ("mean", "similarity"):
-        out = tk.merge(hidden, order, budget, mode, check_finite=False)
+        out = _merge(hidden, order, budget, mode, device=device)
         ref = python_ref.merge(hidden, order, budget, mode)
-        assert torch.equal(out[1], ref[1])
+        assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
         torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=0.0, equal_nan=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_empty_batch(device):
+    hidden, order = torch.empty(0, 30, 8, device=device), torch.empty(0, 12, dtype=torch.int64, device=device)
+    carved, keep_idx, sizes = torch.ops.tokencarve.merge(hidden, order, 8)
+    assert carved.shape == (0, 8, 8) and keep_idx.shape == (0, 8) and sizes.shape == (0, 8)
+
+
 def test_merge_rejects_bad_order_values():
+    # CPU only: a CUDA kernel cannot raise on values without a sync; it stops with a device-side assertion.
     hidden = hidden_states(1, 10, 4)
     with pytest.raises(ValueError, match="outside"):
         tk.merge(hidden, torch.tensor([[0, 1, 2, 3, 4, 10]]), 4)
@@ -123,3 +152,32 @@ def test_merge_rejects_order_of_wrong_length():
     hidden = hidden_states(1, 10, 4)
     with pytest.raises(ValueError, match=r"order must have shape \[B, K1\] = \[1, 6\]"):
         tk.merge(hidden, torch.arange(5)[None], 4)
+
+
+# ---- CUDA against the CPU kernel (GPU only) ----
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ["mean", "similarity", "size"])
+# D = 0, D not a multiple of the 32-feature tiles, LLaVA-1.5's 576 x 4096, Nv past the one-block select path,
+# and Nv = 16384 (nA = nB = 3072: the plan's long loops).
+@pytest.mark.parametrize("nv, dim, budget", [(1, 8, 1), (7, 5, 3), (40, 0, 10), (96, 130, 20), (576, 1000, 64),
+                                             (576, 4096, 128), (2500, 64, 600), (16384, 32, 4096)])
+def test_merge_cuda_equals_cpu(nv, dim, budget, mode, dtype):
+    """Same merge decisions, hence the same keep_idx, and the carved rows bit for bit: the CUDA kernel adds the
+    same float64 products in the CPU kernel's order. (The similarities themselves are summed in another order;
+    only their float32 roundings are compared, which agree unless a value lies within 1e-16 of a float32
+    rounding boundary.)"""
+    batch = 1 if nv > 2500 else 3
+    gen = torch.Generator().manual_seed(nv + dim)
+    hidden = (torch.randn(batch, nv, dim, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    if nv > 8:
+        hidden[:, 1::5] = hidden[:, 0:1]  # duplicated tokens: exact ties on both devices
+    attn, info = torch.rand(batch, nv, generator=gen), torch.rand(batch, nv, generator=gen)
+    order = tk.select(attn, info, budget)
+    sizes = torch.randint(1, 5, (batch, nv), generator=gen).float() if mode == "size" else None
+    cuda_out = _merge(hidden, order, budget, mode, sizes, device="cuda")
+    cpu_out = _merge(hidden, order, budget, mode, sizes)
+    for got, want in zip(cuda_out, cpu_out):
+        assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(cuda_out, _merge(hidden, order, budget, mode, sizes, device="cuda")))

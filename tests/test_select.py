@@ -5,6 +5,7 @@ import torch
 
 import python_ref
 import tokencarve_kernels as tk
+from tests.devices import DEVICES, requires_cuda
 from tests.inputs import attention_scores, hidden_states
 
 
@@ -65,42 +66,79 @@ def test_budget_split(nv, budget, expected):
     assert python_ref.budget_split(nv, budget) == expected
 
 
-# ---- the op against the reference ----
+# ---- the op against the reference, on every device ----
 
 def _scores(batch, nv, seed, dtype=torch.float32):
     info = python_ref.info_scores(hidden_states(batch, nv, 32, seed=seed))
     return attention_scores(batch, nv, seed=seed, dtype=dtype), info
 
 
+def _select(attn, info, budget, attn_weight=0.5, device="cpu"):
+    """The op on `device`, its result back on the CPU."""
+    return tk.select(attn.to(device), info.to(device), budget, attn_weight, check_finite=False).cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("nv, budget", [(1, 1), (7, 3), (64, 63), (575, 128), (577, 192), (576, 64), (50, 50), (33, 500)])
+# 2049 and 3001 exceed the 2048 tokens of CUDA's one-block path: its multi-block path runs there.
+@pytest.mark.parametrize("nv, budget", [(1, 1), (7, 3), (64, 63), (575, 128), (577, 192), (576, 64), (50, 50), (33, 500),
+                                        (2049, 700), (3001, 64)])
 @pytest.mark.parametrize("attn_weight", [0.5, 0.0, 1.0, 0.3])
-def test_select_matches_reference(nv, budget, attn_weight, dtype):
+def test_select_matches_reference(nv, budget, attn_weight, dtype, device):
     attn, info = _scores(3, nv, seed=nv + budget)
     attn = attn.to(dtype)  # low-precision attention ties more often: the tie rule must still hold
-    out = tk.select(attn, info, budget, attn_weight)
-    assert out.dtype == torch.int64
-    assert torch.equal(out, python_ref.select(attn, info, budget, attn_weight))
+    out = tk.select(attn.to(device), info.to(device), budget, attn_weight)
+    assert out.dtype == torch.int64 and out.device.type == device
+    assert torch.equal(out.cpu(), python_ref.select(attn, info, budget, attn_weight))
 
 
-@pytest.mark.parametrize("case", ["all_equal", "integer_ties", "nonfinite"])
-def test_select_adversarial(case):
+ADVERSARIAL = ["all_equal", "integer_ties", "nonfinite", "signed_zeros", "duplicated", "mixed_dtypes", "nv1",
+               "budget_nv_minus_1"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ADVERSARIAL)
+def test_select_adversarial(case, device):
     nv, budget = 40, 12
     if case == "all_equal":
-        attn, info = torch.full((2, nv), 0.25), torch.ones(2, nv)
+        attn, info = torch.full((3, nv), 0.25), torch.ones(3, nv)
     elif case == "integer_ties":
         gen = torch.Generator().manual_seed(1)
-        attn = torch.randint(0, 4, (2, nv), generator=gen).float()
-        info = torch.randint(0, 4, (2, nv), generator=gen).float()
-    else:
-        attn, info = _scores(2, nv, seed=3)
+        attn = torch.randint(0, 4, (3, nv), generator=gen).float()
+        info = torch.randint(0, 4, (3, nv), generator=gen).float()
+    elif case == "nonfinite":
+        attn, info = _scores(3, nv, seed=3)
         attn[0, [3, 9]] = float("nan")
         info[1, [0, 5]] = float("inf")
         info[0, 7] = -float("inf")
+        attn[2] = float("nan")  # a whole image of non-finite attention: ranks by index
+    elif case == "signed_zeros":  # -0.0 == +0.0: a sort on raw float bits would put one before the other
+        gen = torch.Generator().manual_seed(2)
+        attn = torch.where(torch.rand(3, nv, generator=gen) < 0.5, -0.0, 0.0)
+        attn[:, ::7] = 1.0
+        info = torch.where(torch.rand(3, nv, generator=gen) < 0.5, 0.0, -0.0)
+    elif case == "duplicated":  # the same few values everywhere: every rank is decided by the tie rule
+        attn, info = _scores(3, 5, seed=4)
+        attn, info = attn.repeat(1, 8), info.repeat(1, 8)
+    elif case == "mixed_dtypes":
+        attn, info = _scores(3, nv, seed=5)
+        attn, info = attn.to(torch.bfloat16), info.double()
+    elif case == "nv1":
+        nv, budget = 1, 1
+        attn, info = _scores(3, nv, seed=6)
+    else:  # budget = Nv - 1: K1 = Nv, r = Nv - budget = 1
+        budget = nv - 1
+        attn, info = _scores(3, nv, seed=7)
     ref = python_ref.select(attn, info, budget)
-    assert torch.equal(tk.select(attn, info, budget, check_finite=False), ref)
+    assert torch.equal(_select(attn, info, budget, device=device), ref)
     if case == "all_equal":
-        assert ref.tolist() == [list(range(18))] * 2
+        assert ref.tolist() == [list(range(18))] * 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_empty_batch(device):
+    out = torch.ops.tokencarve.select(torch.empty(0, 30, device=device), torch.empty(0, 30, device=device), 8)
+    assert out.shape == (0, 12) and out.dtype == torch.int64 and out.device.type == device
 
 
 def test_select_wrapper_rejects_nonfinite():
@@ -108,3 +146,18 @@ def test_select_wrapper_rejects_nonfinite():
     attn[0, 2] = float("nan")
     with pytest.raises(ValueError, match="attn holds NaN or Inf"):
         tk.select(attn, info, 4)
+
+
+# ---- CUDA against the CPU kernel (GPU only) ----
+
+@requires_cuda
+@pytest.mark.parametrize("batch, nv, budget", [(3, 1, 1), (3, 64, 10), (3, 576, 128), (3, 1024, 300), (3, 1025, 300),
+                                               (3, 2048, 700), (3, 2049, 700), (2, 4097, 1000), (1, 16384, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_select_cuda_equals_cpu(batch, nv, budget, dtype):
+    """Both CUDA paths (one block per image up to Nv = 2048, rank counting beyond) give the CPU's order, bit for bit."""
+    gen = torch.Generator().manual_seed(nv)
+    attn = torch.rand(batch, nv, generator=gen).to(dtype)
+    info = torch.randint(0, 50, (batch, nv), generator=gen).float()  # many exact ties
+    for weight in (0.5, 0.3, 1.0):
+        assert torch.equal(_select(attn, info, budget, weight, device="cuda"), _select(attn, info, budget, weight))

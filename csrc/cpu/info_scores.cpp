@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels.h"
 #include "../philox.h"
 
 namespace tokencarve {
@@ -92,6 +93,8 @@ at::Tensor gaussian_sketch(int64_t seed, int64_t rows, int64_t cols) {
   return omega;
 }
 
+}  // namespace
+
 at::Tensor info_scores_cpu(const at::Tensor& hidden, int64_t rank, int64_t seed) {
   check_info_scores(hidden, rank, seed);
   const int64_t batch = hidden.size(0), num_visual = hidden.size(1), dim = hidden.size(2);
@@ -121,9 +124,5 @@ at::Tensor info_scores_cpu(const at::Tensor& hidden, int64_t rank, int64_t seed)
   });
   return out;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(tokencarve, CPU, m) { m.impl("info_scores", &info_scores_cpu); }
 
 }  // namespace tokencarve

@@ -2,12 +2,10 @@
 // heads, visual columns only. One [B, Hq, N] logit row per head; never an N x N matrix.
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
-
 #include "../checks.h"
+#include "../kernels.h"
 
 namespace tokencarve {
-namespace {
 
 at::Tensor last_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, int64_t vis_start, int64_t vis_len,
                                     double scale) {
@@ -41,13 +39,6 @@ at::Tensor last_query_attention_varlen_cpu(const at::Tensor& q, const at::Tensor
     out.narrow(0, cu[s], n).copy_(last_query_attention_cpu(q.narrow(0, s, 1), keys, 0, n, scale).squeeze(0));
   }
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(tokencarve, CPU, m) {
-  m.impl("last_query_attention", &last_query_attention_cpu);
-  m.impl("last_query_attention_varlen", &last_query_attention_varlen_cpu);
 }
 
 }  // namespace tokencarve

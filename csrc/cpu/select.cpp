@@ -5,27 +5,38 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels.h"
 
 namespace tokencarve {
 namespace {
 
-// ranks[i] = position of token i in the descending order of key; non-finite keys rank last.
-void descending_ranks(const double* score, int64_t n, std::vector<int64_t>& idx, std::vector<double>& key,
-                      std::vector<int64_t>& ranks) {
-  for (int64_t i = 0; i < n; ++i) key[i] = std::isfinite(score[i]) ? score[i] : -std::numeric_limits<double>::infinity();
-  std::iota(idx.begin(), idx.end(), int64_t{0});
-  std::sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
-  for (int64_t p = 0; p < n; ++p) ranks[idx[p]] = p;
+// A token and its sort key, sorted together: no indirection through an index array in the comparisons.
+struct Keyed {
+  double key;
+  int64_t token;
+};
+
+// (key descending, token ascending): a total order, so std::sort (not stable) gives the stable answer.
+inline bool comes_first(const Keyed& a, const Keyed& b) {
+  return a.key > b.key || (a.key == b.key && a.token < b.token);
 }
+
+// ranks[i] = position of token i in the descending order of score; non-finite scores rank last.
+void descending_ranks(const double* score, int64_t n, std::vector<Keyed>& keyed, std::vector<int64_t>& ranks) {
+  for (int64_t i = 0; i < n; ++i)
+    keyed[i] = {std::isfinite(score[i]) ? score[i] : -std::numeric_limits<double>::infinity(), i};
+  std::sort(keyed.begin(), keyed.end(), comes_first);
+  for (int64_t p = 0; p < n; ++p) ranks[keyed[p].token] = p;
+}
+
+}  // namespace
 
 at::Tensor select_cpu(const at::Tensor& attn, const at::Tensor& info, int64_t budget, double attn_weight) {
   check_select(attn, info, budget, attn_weight);
@@ -41,29 +52,22 @@ at::Tensor select_cpu(const at::Tensor& attn, const at::Tensor& info, int64_t bu
   const double lam = attn_weight, nv = static_cast<double>(num_visual);
 
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> idx(num_visual), r_a(num_visual), r_c(num_visual);
-    std::vector<double> key(num_visual), fused(num_visual);
+    std::vector<Keyed> keyed(num_visual);
+    std::vector<int64_t> r_a(num_visual), r_c(num_visual);
     for (int64_t b = begin; b < end; ++b) {
-      descending_ranks(a_ptr + b * num_visual, num_visual, idx, key, r_a);
-      descending_ranks(c_ptr + b * num_visual, num_visual, idx, key, r_c);
+      descending_ranks(a_ptr + b * num_visual, num_visual, keyed, r_a);
+      descending_ranks(c_ptr + b * num_visual, num_visual, keyed, r_c);
       // Two products and one sum, as python_ref.fuse_ranks (built with -ffp-contract=off: no FMA).
       for (int64_t i = 0; i < num_visual; ++i) {
         const double from_attn = lam * (nv - static_cast<double>(r_a[i]));
         const double from_info = (1.0 - lam) * (nv - static_cast<double>(r_c[i]));
-        fused[i] = from_attn + from_info;
+        keyed[i] = {from_attn + from_info, i};
       }
-      std::iota(idx.begin(), idx.end(), int64_t{0});
-      std::partial_sort(idx.begin(), idx.begin() + k1, idx.end(), [&](int64_t x, int64_t y) {
-        return fused[x] > fused[y] || (fused[x] == fused[y] && x < y);
-      });
-      std::copy(idx.begin(), idx.begin() + k1, out + b * k1);
+      std::partial_sort(keyed.begin(), keyed.begin() + k1, keyed.end(), comes_first);
+      for (int64_t p = 0; p < k1; ++p) out[b * k1 + p] = keyed[p].token;
     }
   });
   return order;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(tokencarve, CPU, m) { m.impl("select", &select_cpu); }
 
 }  // namespace tokencarve

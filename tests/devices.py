@@ -1,0 +1,9 @@
+"""The devices the op tests run on: the CPU always, CUDA when a GPU is present (skipped with the reason if not)."""
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is available")
+
+# Parametrize a test with `@pytest.mark.parametrize("device", DEVICES)`: identical checks on every device.
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
