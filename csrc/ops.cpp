@@ -73,6 +73,13 @@ std::tuple<at::Tensor, at::Tensor> carve_composite(const at::Tensor& hidden, con
           .findSchemaOrThrow(kMerge, "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
                                                                 c10::string_view, const std::optional<at::Tensor>&)>();
+  // Keep-all (budget >= Nv) is the identity: no score is read, so none is computed. A copy, not a view:
+  // an op's outputs never alias its inputs.
+  const int64_t batch = hidden.size(0), num_visual = hidden.size(1);
+  if (budget >= num_visual) {
+    return {hidden.clone(at::MemoryFormat::Contiguous),
+            at::arange(num_visual, attn.options().dtype(at::kLong)).expand({batch, num_visual}).contiguous()};
+  }
   // Attention-only fusion (attn_weight = 1) never reads the information score: skip computing it.
   const at::Tensor info = attn_weight == 1.0 ? at::zeros(attn.sizes(), attn.options().dtype(at::kFloat))
                                              : info_op.call(hidden, rank, seed);

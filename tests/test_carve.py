@@ -1,5 +1,7 @@
 """carve end to end, and the properties every op promises: opcheck, torch.compile, batching, determinism."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -44,6 +46,22 @@ def test_budget_at_least_nv_returns_input_unchanged(device):
     hidden, attn = _inputs(2, 30, 16)
     carved, keep_idx = tk.carve(hidden.to(device), attn.to(device), 30)
     assert torch.equal(carved.cpu(), hidden) and torch.equal(keep_idx.cpu(), torch.arange(30).expand(2, 30))
+
+
+def test_keep_all_computes_no_score_and_returns_a_copy():
+    hidden, attn = _inputs(2, 30, 16)
+    calls = []
+    lib = torch.library.Library("tokencarve", "IMPL")
+    try:
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel": the point of the test
+            warnings.simplefilter("ignore", UserWarning)
+            lib.impl("info_scores", lambda h, rank=0, seed=0: calls.append(h) or python_ref.info_scores(h), "CPU")
+        carved, _ = tk.carve(hidden, attn, 30)
+        assert calls == [] and carved.data_ptr() != hidden.data_ptr()
+        tk.carve(hidden, attn, 29)
+        assert len(calls) == 1  # the override is live: a carve that prunes does call it
+    finally:
+        lib._destroy()
 
 
 @pytest.mark.parametrize("device", DEVICES)
