@@ -112,9 +112,10 @@ def _row_l1_kernel(
 ):
     """out [B, M] float32: c_i = sum_j |(A W)_ij| for A [B, M, K], W [B, K, J] (the product stays in
     registers, one column block at a time); DIAGONAL: W is a vector w [B, J], c_i = sum_j |A_ij| w_j
-    with A [B, M, J]. NaN where the token is not finite."""
+    with A [B, M, J]. NaN where the token is not finite (its row of A reads as zero)."""
     batch = tl.program_id(1).to(tl.int64)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    finite = tl.load(finite_ptr + batch * stride_fb + rm, mask=rm < M, other=0) != 0
     a_base = a_ptr + batch * stride_ab
     w_base = w_ptr + batch * stride_wb
     l1 = tl.zeros([BLOCK_M], tl.float64)
@@ -131,18 +132,19 @@ def _row_l1_kernel(
                 rk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_base + rm[:, None] * stride_am + rk[None, :] * stride_ak,
                             mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float64)
+                a = tl.where(finite[:, None], a, 0.0)
                 w = tl.load(w_base + rk[:, None] * stride_wk + rj[None, :] * stride_wj,
                             mask=(rk[:, None] < K) & (rj[None, :] < J), other=0.0).to(tl.float64)
                 tile = tl.dot(a, w, tile)
             l1 += tl.sum(tl.abs(tile), axis=1)
-    finite = tl.load(finite_ptr + batch * stride_fb + rm, mask=rm < M, other=0) != 0
     tl.store(out_ptr + batch * M + rm, tl.where(finite, l1, float("nan")).to(tl.float32), mask=rm < M)
 
 
 # Tile sizes. float64 tiles take twice the registers of float32 ones; 32 x 32 tiles give LLaVA's
 # 576 x 576 Gram 171 lower-triangle programs (64 x 64 would give 45 on a 132-SM GPU). Not tuned on a
-# GPU yet (benchmarks/gpu_info_scores.py measures them). The interpreter runs large blocks: its cost is
-# per operation, not per element.
+# GPU yet (benchmarks/gpu_info_scores.py measures them). The interpreter runs 64-wide blocks: its tl.dot
+# is numpy's non-BLAS matmul loop (about 70 MFLOP/s), so its cost follows the flops, and wider
+# lower-triangle tiles waste more of them on the diagonal.
 def _gemm_blocks(m: int, n: int) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
