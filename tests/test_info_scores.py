@@ -109,6 +109,13 @@ def test_randomized_op_matches_reference(batch, nv, dim, rank):
 
 # ---- the Triton kernels (tokencarve_kernels/triton), interpreted on the CPU when there is no GPU ----
 
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # references stay on the CPU
+
+
+def _triton_scores(hidden, rank=0, seed=0):
+    return tk.info_scores(hidden.to(TRITON_DEVICE), rank=rank, seed=seed, check_finite=False).cpu()
+
+
 @pytest.fixture
 def triton_backend():
     pytest.importorskip("triton", reason="the triton backend needs the triton package")
@@ -125,7 +132,7 @@ TRITON_EXACT_SHAPES = [(1, 1, 8), (3, 7, 5), (1, 575, 580), (1, 577, 96), (3, 40
 @pytest.mark.parametrize("batch, nv, dim", TRITON_EXACT_SHAPES, ids=lambda v: str(v))
 def test_triton_exact_matches_reference(batch, nv, dim, dtype, triton_backend):
     hidden = hidden_states(batch, nv, dim, seed=nv + dim, dtype=dtype)
-    out = tk.info_scores(hidden)
+    out = _triton_scores(hidden)
     assert out.dtype == torch.float32 and out.shape == (batch, nv)
     # Error budget: twice the reference's own error when it runs in the lowest precision torch's SVD
     # takes (float32: the authors' SVD), with one float32 ulp for the output rounding.
@@ -136,9 +143,9 @@ def test_triton_exact_matches_reference(batch, nv, dim, dtype, triton_backend):
 @pytest.mark.parametrize("batch, nv, dim", [(3, 7, 5), (2, 40, 70), (1, 77, 20)], ids=lambda v: str(v))
 def test_triton_exact_float64_input_and_determinism(batch, nv, dim, triton_backend):
     hidden = hidden_states(batch, nv, dim, seed=nv, dtype=torch.float64)
-    out = tk.info_scores(hidden)
+    out = _triton_scores(hidden)
     assert rel_err(out, _svd64(hidden)) < 1e-6
-    assert torch.equal(out, tk.info_scores(hidden))
+    assert torch.equal(out, _triton_scores(hidden))
 
 
 @pytest.mark.parametrize("batch, nv, dim", [(1, 576, 640), (1, 700, 256)], ids=["XXt", "XtX"])
@@ -149,7 +156,7 @@ def test_triton_exact_selects_what_fp64_svd_selects(batch, nv, dim, triton_backe
     attn = attention_scores(batch, nv, seed=nv)
     for weight in (0.0, 0.5):
         ref = python_ref.select(attn, _svd64(hidden).float(), 128, weight)
-        assert torch.equal(python_ref.select(attn, tk.info_scores(hidden), 128, weight), ref)
+        assert torch.equal(python_ref.select(attn, _triton_scores(hidden), 128, weight), ref)
 
 
 # rank >= min(Nv, D) (exact); sketches narrower and wider (70) than a 64-wide block; B = 3.
@@ -157,11 +164,11 @@ def test_triton_exact_selects_what_fp64_svd_selects(batch, nv, dim, triton_backe
                                                   (1, 130, 200, 70)], ids=lambda v: str(v))
 def test_triton_randomized_matches_reference(batch, nv, dim, rank, triton_backend):
     hidden = hidden_states(batch, nv, dim, seed=rank, dtype=torch.bfloat16)
-    out = tk.info_scores(hidden, rank=rank, seed=9)
+    out = _triton_scores(hidden, rank, 9)
     assert rel_err(out, python_ref.info_scores(hidden, rank=rank, seed=9)) < 1e-5
-    assert torch.equal(out, tk.info_scores(hidden, rank=rank, seed=9))  # same seed: bit-identical
+    assert torch.equal(out, _triton_scores(hidden, rank, 9))  # same seed: bit-identical
     if rank < min(nv, dim):  # below full rank the sketch matters
-        assert not torch.equal(out, tk.info_scores(hidden, rank=rank, seed=10))
+        assert not torch.equal(out, _triton_scores(hidden, rank, 10))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 123456789, 2**40 + 7])
@@ -171,9 +178,9 @@ def test_triton_sketch_is_the_reference_sketch(seed):
     from tokencarve_kernels.triton.info_scores import Sketch, matmul
 
     rows, cols = 70, 19
-    eye = torch.eye(rows, dtype=torch.float64)[None]
-    omega = matmul(eye, Sketch(seed, rows, cols), torch.ones(1, rows, dtype=torch.int8))
-    assert torch.equal(omega[0], python_ref.gaussian_sketch(seed, rows, cols).double())
+    eye = torch.eye(rows, dtype=torch.float64, device=TRITON_DEVICE)[None]
+    omega = matmul(eye, Sketch(seed, rows, cols), torch.ones(1, rows, dtype=torch.int8, device=TRITON_DEVICE))
+    assert torch.equal(omega[0].cpu(), python_ref.gaussian_sketch(seed, rows, cols).double())
 
 
 
@@ -184,13 +191,13 @@ def test_triton_nonfinite_rows_score_nan_and_others_as_if_zero(rank, nv, dim, tr
     bad = hidden.clone()
     bad[0, 3, 5] = float("nan")
     bad[0, 7, 0] = float("-inf")
-    out = tk.info_scores(bad, rank=rank, seed=2, check_finite=False)
+    out = _triton_scores(bad, rank, 2)
     assert out[0, [3, 7]].isnan().all() and not out[0, :3].isnan().any()
     torch.testing.assert_close(out, python_ref.info_scores(bad, rank=rank, seed=2), equal_nan=True, rtol=1e-5, atol=0)
 
 
 def test_triton_opcheck_compile_and_errors(triton_backend):
-    hidden = hidden_states(2, 24, 16, seed=6)
+    hidden = hidden_states(2, 24, 16, seed=6).to(TRITON_DEVICE)
     op = torch.ops.tokencarve.info_scores
     torch.library.opcheck(op.default, (hidden,))
     torch.library.opcheck(op.default, (hidden, 4, 1))
@@ -198,6 +205,6 @@ def test_triton_opcheck_compile_and_errors(triton_backend):
     torch.testing.assert_close(compiled(hidden), op(hidden, 4, 3) + op(hidden), rtol=0, atol=0)
     with pytest.raises(ValueError, match="rank must be >= 0"):
         op(hidden, -1)
-    huge = torch.zeros(1).expand(1, 3, 2**30)  # D x l = 3 * 2^30: past the int32 Philox offsets, no memory
+    huge = torch.zeros(1, device=TRITON_DEVICE).expand(1, 3, 2**30)  # D x l = 3 * 2^30: past the int32 Philox offsets, no memory
     with pytest.raises(ValueError, match="must hold fewer than 2"):
         op(huge, 3)

@@ -78,6 +78,9 @@ def test_varlen_rejects_bad_cu_seqlens():
 
 # ---- the Triton kernels (tokencarve_kernels/triton), interpreted on the CPU when there is no GPU ----
 
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # references stay on the CPU
+
+
 @pytest.fixture
 def triton_backend():
     pytest.importorskip("triton", reason="the triton backend needs the triton package")
@@ -103,17 +106,18 @@ TRITON_SHAPES = [(1, 4, 4, 1, 8, 0, 1), (3, 8, 2, 50, 16, 5, 45), (2, 6, 3, 77, 
 @pytest.mark.parametrize("batch, heads_q, heads_k, n, d, vis_start, vis_len", TRITON_SHAPES, ids=lambda v: str(v))
 def test_triton_matches_reference(batch, heads_q, heads_k, n, d, vis_start, vis_len, dtype, triton_backend):
     q, k = queries_keys(batch, heads_q, heads_k, n, d, seed=n + d, dtype=dtype)
-    out = tk.last_query_attention(q, k, vis_start, vis_len, d**-0.5)
+    qd, kd = q.to(TRITON_DEVICE), k.to(TRITON_DEVICE)
+    out = tk.last_query_attention(qd, kd, vis_start, vis_len, d**-0.5)
     assert out.dtype == torch.float32 and out.shape == (batch, vis_len)
-    _within_budget(out, q, k, vis_start, vis_len, d**-0.5)
-    assert torch.equal(out, tk.last_query_attention(q, k, vis_start, vis_len, d**-0.5))  # deterministic
+    _within_budget(out.cpu(), q, k, vis_start, vis_len, d**-0.5)
+    assert torch.equal(out, tk.last_query_attention(qd, kd, vis_start, vis_len, d**-0.5))  # deterministic
 
 
 def test_triton_reads_strided_keys(triton_backend):
     # keys as SDPA/FlashAttention layouts hold them: [B, N, Hk, d] memory viewed as [B, Hk, N, d]
     q, k = queries_keys(2, 8, 2, 90, 32, seed=3)
     k_strided = k.transpose(1, 2).contiguous().transpose(1, 2)
-    out = tk.last_query_attention(q, k_strided, 10, 80, 0.2)
+    out = tk.last_query_attention(q.to(TRITON_DEVICE), k_strided.to(TRITON_DEVICE), 10, 80, 0.2).cpu()
     torch.testing.assert_close(out, python_ref.last_query_attention(q, k, 10, 80, 0.2), rtol=1e-5, atol=0.0)
 
 
@@ -122,7 +126,7 @@ def test_triton_reads_strided_keys(triton_backend):
 def test_triton_varlen_matches_reference(lengths, dtype, triton_backend):
     q, k, cu = _packed(lengths, seed=len(lengths) + 1, dtype=dtype)
     k = torch.cat([k, torch.randn(3, *k.shape[1:]).to(dtype)])  # keys after the last sequence: 0
-    out = tk.last_query_attention_varlen(q, k, cu, 0.3)
+    out = tk.last_query_attention_varlen(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), cu.to(TRITON_DEVICE), 0.3).cpu()
     ref = python_ref.last_query_attention_varlen(q, k, cu, 0.3)
     assert out.shape == (sum(lengths) + 3,) and out.dtype == torch.float32
     assert torch.equal(out[-3:], torch.zeros(3))
@@ -134,11 +138,12 @@ def test_triton_varlen_matches_reference(lengths, dtype, triton_backend):
 
 
 def test_triton_opcheck_and_compile(triton_backend):
-    q, k = queries_keys(2, 4, 2, 30, 8)
+    q, k = (t.to(TRITON_DEVICE) for t in queries_keys(2, 4, 2, 30, 8))
     ops = torch.ops.tokencarve
     packed = k[0].permute(1, 0, 2).contiguous()
+    cu = torch.tensor([0, 12, 30], device=TRITON_DEVICE)
     torch.library.opcheck(ops.last_query_attention.default, (q, k, 2, 20, 0.35))
-    torch.library.opcheck(ops.last_query_attention_varlen.default, (q, packed, torch.tensor([0, 12, 30]), 0.35))
+    torch.library.opcheck(ops.last_query_attention_varlen.default, (q, packed, cu, 0.35))
 
     def fn(q, k):
         return ops.last_query_attention(q, k, 2, 20, 0.35) * 2.0
