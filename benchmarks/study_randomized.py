@@ -87,9 +87,10 @@ def selection_stats(info: torch.Tensor, exact_order: torch.Tensor, exact_fused: 
 
 
 def flops(nv: int, d: int, l: int, q: int) -> float:
-    """float64 flops of the randomized path: 2 + 2q passes over X, 2q + 1 QRs of a tall [Nv or D, l]
-    matrix, the l x l Gram and eigenproblem (about 9 n^3 with vectors), the coordinates."""
-    return (2 + 2 * q) * 2 * nv * d * l + (2 * q + 1) * 4 * max(nv, d) * l * l + d * l * l + 9 * l**3 + 2 * nv * l * l
+    """float64 flops of the randomized path: 2 + 2q passes over X, q + 1 QRs of [Nv, l] and q of [D, l]
+    (about 4 m l^2 each with Q formed), the l x l Gram and eigenproblem (about 9 l^3 with vectors), the
+    coordinates."""
+    return (2 + 2 * q) * 2 * nv * d * l + 4 * l * l * ((q + 1) * nv + q * d) + d * l * l + 9 * l**3 + 2 * nv * l * l
 
 
 def exact_flops(nv: int, d: int) -> float:
@@ -138,35 +139,40 @@ def study_one(nv: int, d: int, decay: float, seed: int, grid, writer, meta) -> l
     return rows
 
 
-def summarize(rows: list[dict]) -> None:
-    """Per (shape, spectrum): the cheapest configuration whose worst-seed overlap reaches TARGET."""
+def summarize(rows: list[dict]) -> list[str]:
+    """Markdown lines: every configuration's worst-seed numbers, the smallest rank per variant that reaches
+    TARGET, and per (shape, spectrum) the cheapest configuration that does."""
+    lines = []
+    print = lines.append  # noqa: A001  (the summary is printed and may be written to a file)
     groups = {}
     for r in rows:
         key = (r["nv"], r["d"], r["decay"], r["rank"], r["oversampling"], r["power_iterations"], r["tail"])
         groups.setdefault(key, []).append(r)
     configs = []
     for key, rs in groups.items():
+        nv, d, _, k, p, q, _ = key
+        cost = flops(nv, d, min(k + p, nv, d), q)
         configs.append(dict(zip(("nv", "d", "decay", "rank", "p", "q", "tail"), key),
                             overlap=min(r["overlap"] for r in rs), ab=min(r["ab_agree"] for r in rs),
-                            fused=min(r["fused_overlap"] for r in rs), gflop=rs[0]["gflop"],
-                            cost=rs[0]["flop_ratio"]))
+                            fused=min(r["fused_overlap"] for r in rs), gflop=cost / 1e9,
+                            cost=cost / exact_flops(nv, d)))
     print(f"\nworst-seed top-K1 overlap at T = {BUDGET} (K1 = {int(1.5 * BUDGET)}); cost = GFLOP / exact GFLOP")
     print("| Nv | D | decay | rank | p | q | tail | overlap | A/B agree | fused overlap | GFLOP | cost |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in sorted(configs, key=lambda c: (c["nv"], c["d"], -c["decay"], c["rank"], c["p"], c["q"], c["tail"])):
         print(f"| {c['nv']} | {c['d']} | {c['decay']:g} | {c['rank']} | {c['p']} | {c['q']} | {c['tail']} | "
               f"{c['overlap']:.3f} | {c['ab']:.3f} | {c['fused']:.3f} | {c['gflop']:.2f} | {c['cost']:.3f} |")
-    print(f"\nsmallest rank whose worst-seed overlap reaches {TARGET} (GFLOP, cost), per (p, q, tail):")
+    print(f"\nsmallest rank whose worst-seed overlap reaches {TARGET} (GFLOP, cost), per (p, q, tail); "
+          "- = no rank studied reaches it:")
     variants = sorted({(c["p"], c["q"], c["tail"]) for c in configs})
     print("| Nv | D | decay | " + " | ".join(f"p{p} q{q} {t}" for p, q, t in variants) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in variants) + " |")
     for shape in sorted({(c["nv"], c["d"], c["decay"]) for c in configs}, key=lambda s: (s[0], s[1], -s[2])):
         cells = []
         for variant in variants:
-            good = [c for c in configs if (c["nv"], c["d"], c["decay"]) == shape
-                    and (c["p"], c["q"], c["tail"]) == variant and c["overlap"] >= TARGET]
-            c = min(good, key=lambda c: c["rank"], default=None)
-            cells.append(f"{c['rank']} ({c['gflop']:.1f}, {c['cost']:.2f})" if c else "-")
+            ran = [c for c in configs if (c["nv"], c["d"], c["decay"]) == shape and (c["p"], c["q"], c["tail"]) == variant]
+            c = min((c for c in ran if c["overlap"] >= TARGET), key=lambda c: c["rank"], default=None)
+            cells.append(f"{c['rank']} ({c['gflop']:.1f}, {c['cost']:.2f})" if c else ("-" if ran else "not run"))
         print(f"| {shape[0]} | {shape[1]} | {shape[2]:g} | " + " | ".join(cells) + " |")
     print(f"\ncheapest configuration (by GFLOP) reaching overlap >= {TARGET}, per shape and spectrum:")
     for shape in sorted({(c["nv"], c["d"], c["decay"]) for c in configs}):
@@ -184,16 +190,22 @@ def summarize(rows: list[dict]) -> None:
             c = best_small
             print(f"      best with rank <= Nv/4 = {limit}: rank {c['rank']} p {c['p']} q {c['q']} tail {c['tail']}: "
                   f"overlap {c['overlap']:.3f}, cost {c['cost']:.3f}")
+    return lines
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="Nv = 576, D = 4096 only, one seed")
     parser.add_argument("--csv", default=os.path.join(OUT_DIR, "study_randomized.csv"))
+    parser.add_argument("--md", default=None, help="also write the summary tables to this markdown file")
+    parser.add_argument("--summarize", action="store_true", help="only summarize the rows already in --csv")
     args = parser.parse_args(argv)
+    meta = dict(device=device_name("cpu"), sha=git_sha(), **versions())
+    if args.summarize:
+        _report(_read_rows(args.csv), args.md, meta)
+        return
     shapes = [(576, 4096)] if args.quick else list(GRID)
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-    meta = dict(device=device_name("cpu"), sha=git_sha(), **versions())
     rows = []
     with open(args.csv, "w", newline="") as f:
         writer = None
@@ -212,8 +224,28 @@ def main(argv=None) -> None:
                     f.flush()
                     print(f"Nv={nv} D={d} decay={decay:g} seed={seed}: {time.perf_counter() - start:.0f} s",
                           file=sys.stderr)
-    summarize(rows)
+    _report(rows, args.md, meta)
     print(f"\nwrote {args.csv}")
+
+
+def _read_rows(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("nv", "d", "seed", "rank", "oversampling", "power_iterations"):
+            r[key] = int(r[key])
+        for key in ("decay", "overlap", "ab_agree", "fused_overlap"):
+            r[key] = float(r[key])
+    return rows
+
+
+def _report(rows: list[dict], md: str | None, meta: dict) -> None:
+    lines = summarize(rows)
+    print("\n".join(lines))
+    if md:
+        with open(md, "w") as f:
+            f.write(f"# Randomized information score: accuracy study\n\n`python -m benchmarks.study_randomized` "
+                    f"({meta['device']}, torch {meta['torch']}).\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

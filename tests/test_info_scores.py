@@ -208,3 +208,15 @@ def test_triton_opcheck_compile_and_errors(triton_backend):
     huge = torch.zeros(1, device=TRITON_DEVICE).expand(1, 3, 2**30)  # D x l = 3 * 2^30: past the int32 Philox offsets, no memory
     with pytest.raises(ValueError, match="must hold fewer than 2"):
         op(huge, 3)
+
+
+def test_triton_backend_carves_like_the_cpu_kernels():
+    # carve is composed in C++ through the dispatcher: under the triton backend its scores come from Triton.
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    hidden = hidden_states(2, 50, 30, seed=5)
+    attn = attention_scores(2, 50, seed=5)
+    native = tk.carve(hidden, attn, 12, rank=8, seed=3)
+    with tk.use_backend("triton"):
+        carved, keep_idx = tk.carve(hidden.to(TRITON_DEVICE), attn.to(TRITON_DEVICE), 12, rank=8, seed=3)
+    assert torch.equal(keep_idx.cpu(), native[1])
+    torch.testing.assert_close(carved.cpu(), native[0], rtol=1e-6, atol=0.0)
