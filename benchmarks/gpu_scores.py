@@ -117,7 +117,8 @@ def bench_exact(device, smoke):
         finite = tis.finite_rows(hidden)
         timings["finite rows"] = _ms(lambda: tis.finite_rows(hidden), device)
         xt = hidden.transpose(1, 2)
-        timings["gram triton fp64"] = _ms(lambda: tis.matmul(hidden, xt, finite, mask_a=1, mask_b=2, lower=True), device)
+        timings["gram triton fp64"] = _ms(
+            lambda: tis.matmul(hidden, xt, finite, mask_a=1, mask_b=2, lower=True), device)
         x64 = hidden.double()
         timings["gram cuBLAS fp64 (on an fp64 copy)"] = _ms(lambda: x64 @ x64.transpose(1, 2), device)
         gram = tis.matmul(hidden, xt, finite, mask_a=1, mask_b=2, lower=True)
@@ -177,7 +178,8 @@ def main(argv=None) -> None:
     if device.type == "cpu" and not args.smoke:
         raise SystemExit("no GPU here: run with --smoke (tiny shapes, Triton interpreter) or on a GPU")
     with tk.use_backend("triton"):  # the Triton kernels on every device (CPU: the interpreter)
-        rows = bench_attention(device, args.smoke) + bench_exact(device, args.smoke) + bench_randomized(device, args.smoke)
+        rows = [*bench_attention(device, args.smoke), *bench_exact(device, args.smoke),
+                *bench_randomized(device, args.smoke)]
     if not args.smoke:
         append_csv(rows)
 

@@ -170,7 +170,8 @@ def summarize(rows: list[dict]) -> list[str]:
     for shape in sorted({(c["nv"], c["d"], c["decay"]) for c in configs}, key=lambda s: (s[0], s[1], -s[2])):
         cells = []
         for variant in variants:
-            ran = [c for c in configs if (c["nv"], c["d"], c["decay"]) == shape and (c["p"], c["q"], c["tail"]) == variant]
+            ran = [c for c in configs
+                   if (c["nv"], c["d"], c["decay"]) == shape and (c["p"], c["q"], c["tail"]) == variant]
             c = min((c for c in ran if c["overlap"] >= TARGET), key=lambda c: c["rank"], default=None)
             cells.append(f"{c['rank']} ({c['gflop']:.1f}, {c['cost']:.2f})" if c else ("-" if ran else "not run"))
         print(f"| {shape[0]} | {shape[1]} | {shape[2]:g} | " + " | ".join(cells) + " |")

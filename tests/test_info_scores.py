@@ -205,7 +205,8 @@ def test_triton_opcheck_compile_and_errors(triton_backend):
     torch.testing.assert_close(compiled(hidden), op(hidden, 4, 3) + op(hidden), rtol=0, atol=0)
     with pytest.raises(ValueError, match="rank must be >= 0"):
         op(hidden, -1)
-    huge = torch.zeros(1, device=TRITON_DEVICE).expand(1, 3, 2**30)  # D x l = 3 * 2^30: past the int32 Philox offsets, no memory
+    # D x l = 3 * 2^30 entries: past the int32 Philox offsets (an expanded tensor: no memory)
+    huge = torch.zeros(1, device=TRITON_DEVICE).expand(1, 3, 2**30)
     with pytest.raises(ValueError, match="must hold fewer than 2"):
         op(huge, 3)
 

@@ -125,7 +125,8 @@ def _head_mean_probs_kernel(
                 chunk_max = tl.load(max_ptr + stat + c, mask=g < GROUP, other=0.0)
                 chunk_sum = tl.load(sum_ptr + stat + c, mask=g < GROUP, other=1.0)  # padding rows: no 0 / 0
                 new_max = tl.maximum(row_max, chunk_max)
-                row_sum = row_sum * tl.exp((row_max - new_max) * scale) + chunk_sum * tl.exp((chunk_max - new_max) * scale)
+                row_sum = (row_sum * tl.exp((row_max - new_max) * scale)
+                           + chunk_sum * tl.exp((chunk_max - new_max) * scale))
                 row_max = new_max
             q = _load_group_queries(q_ptr, seq, head_k, stride_qs, stride_qh, stride_qd, GROUP, HEAD_DIM, BLOCK_G,
                                     BLOCK_D, DOT_DTYPE)
@@ -181,7 +182,8 @@ def last_query_attention(q: torch.Tensor, k: torch.Tensor, vis_start: int, vis_l
                    triton.cdiv(vis_len, OUT_BLOCK))
 
 
-def last_query_attention_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+def last_query_attention_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
+                                scale: float) -> torch.Tensor:
     """Packed sequences: q [S, Hq, d] (each sequence's last token), k [total, Hk, d], cu_seqlens [S + 1]
     -> p [total] float32: each sequence's head-mean attention row over its own keys; keys outside every
     sequence get 0. cu_seqlens is read on the device: its values are the caller's promise (non-decreasing
