@@ -123,8 +123,11 @@ def main(argv=None) -> None:
                   f"successive Nv: {per_token}")
     path = args.png or os.path.join(OUT_DIR, f"scale_info_scores_{device.type}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    plot(curves, dim, args.device, path)
-    print(f"wrote {path}")
+    try:
+        plot(curves, dim, args.device, path)
+        print(f"wrote {path}")
+    except ImportError:  # the lent GPU machines have no matplotlib: the rows are in results.csv
+        print("matplotlib is not installed: no plot (benchmarks/plot.py can draw results.csv elsewhere)")
 
 
 if __name__ == "__main__":
