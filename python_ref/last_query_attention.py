@@ -9,18 +9,21 @@ import torch
 
 
 def last_query_attention(
-    q: torch.Tensor, k: torch.Tensor, vis_start: int, vis_len: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, vis_start: int, vis_len: int, scale: float,
+    compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """q [B, Hq, d] (the last token's queries), k [B, Hk, N, d] -> a [B, vis_len] float32.
 
     Grouped-query attention: Hq = g * Hk, query head h reads key head h // g. Keys after RoPE,
-    exactly as the attention kernel sees them. Computed in float64.
+    exactly as the attention kernel sees them. Computed in float64; `compute_dtype` runs the same
+    formula in another dtype (the tests' error budget: a kernel may err at most twice as much as this
+    reference run in the input's own precision).
     """
     batch, heads_q, head_dim = q.shape
     heads_k, num_keys = k.shape[1], k.shape[2]
     group = heads_q // heads_k
-    keys = k.double().repeat_interleave(group, dim=1)                     # [B, Hq, N, d]
-    logits = torch.einsum("bhd,bhnd->bhn", q.double(), keys) * scale       # [B, Hq, N]
+    keys = k.to(compute_dtype).repeat_interleave(group, dim=1)            # [B, Hq, N, d]
+    logits = torch.einsum("bhd,bhnd->bhn", q.to(compute_dtype), keys) * scale   # [B, Hq, N]
     probs = torch.softmax(logits, dim=-1).mean(dim=1)                     # [B, N]
     return probs[:, vis_start : vis_start + vis_len].float()
 

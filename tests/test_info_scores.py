@@ -74,6 +74,18 @@ def test_nonfinite_rows_score_nan_and_others_as_if_zero():
         tk.info_scores(bad)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_randomized_overlap_holds(seed):
+    # Regression guard on benchmarks/study_randomized.py: at the default oversampling and power iterations,
+    # rank 128 of a 576 x 1024 image (decay 6) kept >= 0.974 of the exact top-192 on both seeds studied.
+    # (The op's CPU kernel; the Triton path equals the reference in test_triton_randomized_matches_reference.)
+    hidden = hidden_states(1, 576, 1024, seed=seed)
+    attn = attention_scores(1, 576, seed=seed)
+    exact = python_ref.select(attn, python_ref.info_scores_gram(hidden).float(), 128, attn_weight=0.0)
+    rand = python_ref.select(attn, tk.info_scores(hidden, rank=128, seed=seed), 128, attn_weight=0.0)
+    assert len(set(exact[0].tolist()) & set(rand[0].tolist())) / exact.shape[1] >= 0.97
+
+
 # ---- the op against the reference ----
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -93,3 +105,119 @@ def test_randomized_op_matches_reference(batch, nv, dim, rank):
     # Same Philox sketch; float64 algebra on both sides (LAPACK QR/eigh may differ in the last bits)
     assert rel_err(out, python_ref.info_scores(hidden, rank=rank, seed=9)) < 1e-5
     assert torch.equal(out, tk.info_scores(hidden, rank=rank, seed=9))
+
+
+# ---- the Triton kernels (tokencarve_kernels/triton), interpreted on the CPU when there is no GPU ----
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # references stay on the CPU
+
+
+def _triton_scores(hidden, rank=0, seed=0):
+    return tk.info_scores(hidden.to(TRITON_DEVICE), rank=rank, seed=seed, check_finite=False).cpu()
+
+
+@pytest.fixture
+def triton_backend():
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    with tk.use_backend("triton"):
+        yield
+
+
+# Nv = 1; Nv = 7 > D = 5; 575 <= D and 577 > D (both Gram sides, around LLaVA's 576); D = 70, 580
+# (not multiples of the 64-wide blocks); D = 3; B = 3.
+TRITON_EXACT_SHAPES = [(1, 1, 8), (3, 7, 5), (1, 575, 580), (1, 577, 96), (3, 40, 70), (2, 9, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch, nv, dim", TRITON_EXACT_SHAPES, ids=lambda v: str(v))
+def test_triton_exact_matches_reference(batch, nv, dim, dtype, triton_backend):
+    hidden = hidden_states(batch, nv, dim, seed=nv + dim, dtype=dtype)
+    out = _triton_scores(hidden)
+    assert out.dtype == torch.float32 and out.shape == (batch, nv)
+    # Error budget: twice the reference's own error when it runs in the lowest precision torch's SVD
+    # takes (float32: the authors' SVD), with one float32 ulp for the output rounding.
+    ref = _svd64(hidden)
+    assert rel_err(out, ref) <= max(2 * rel_err(python_ref.authors_info_scores(hidden), ref), 2.0**-23)
+
+
+@pytest.mark.parametrize("batch, nv, dim", [(3, 7, 5), (2, 40, 70), (1, 77, 20)], ids=lambda v: str(v))
+def test_triton_exact_float64_input_and_determinism(batch, nv, dim, triton_backend):
+    hidden = hidden_states(batch, nv, dim, seed=nv, dtype=torch.float64)
+    out = _triton_scores(hidden)
+    assert rel_err(out, _svd64(hidden)) < 1e-6
+    assert torch.equal(out, _triton_scores(hidden))
+
+
+@pytest.mark.parametrize("batch, nv, dim", [(1, 576, 640), (1, 700, 256)], ids=["XXt", "XtX"])
+def test_triton_exact_selects_what_fp64_svd_selects(batch, nv, dim, triton_backend):
+    # decay 7: the Gram's condition number is far past float32 (a float32 Gram + eigh changes the order
+    # of the selection on both inputs); float64 accumulation keeps it.
+    hidden = hidden_states(batch, nv, dim, seed=nv, decay=7.0)
+    attn = attention_scores(batch, nv, seed=nv)
+    for weight in (0.0, 0.5):
+        ref = python_ref.select(attn, _svd64(hidden).float(), 128, weight)
+        assert torch.equal(python_ref.select(attn, _triton_scores(hidden), 128, weight), ref)
+
+
+# rank >= min(Nv, D) (exact); sketches narrower and wider (70) than a 64-wide block; B = 3.
+@pytest.mark.parametrize("batch, nv, dim, rank", [(3, 7, 5, 16), (3, 7, 5, 1), (2, 64, 33, 4), (2, 40, 96, 16),
+                                                  (1, 130, 200, 70)], ids=lambda v: str(v))
+def test_triton_randomized_matches_reference(batch, nv, dim, rank, triton_backend):
+    hidden = hidden_states(batch, nv, dim, seed=rank, dtype=torch.bfloat16)
+    out = _triton_scores(hidden, rank, 9)
+    assert rel_err(out, python_ref.info_scores(hidden, rank=rank, seed=9)) < 1e-5
+    assert torch.equal(out, _triton_scores(hidden, rank, 9))  # same seed: bit-identical
+    if rank < min(nv, dim):  # below full rank the sketch matters
+        assert not torch.equal(out, _triton_scores(hidden, rank, 10))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 123456789, 2**40 + 7])
+def test_triton_sketch_is_the_reference_sketch(seed):
+    # I @ Omega is exact in float64, so the GEMM with the in-kernel Philox sketch returns Omega itself.
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    from tokencarve_kernels.triton.info_scores import Sketch, matmul
+
+    rows, cols = 70, 19
+    eye = torch.eye(rows, dtype=torch.float64, device=TRITON_DEVICE)[None]
+    omega = matmul(eye, Sketch(seed, rows, cols), torch.ones(1, rows, dtype=torch.int8, device=TRITON_DEVICE))
+    assert torch.equal(omega[0].cpu(), python_ref.gaussian_sketch(seed, rows, cols).double())
+
+
+
+
+@pytest.mark.parametrize("rank, nv, dim", [(0, 20, 12), (0, 12, 20), (3, 20, 12)], ids=["XtX", "XXt", "rank3"])
+def test_triton_nonfinite_rows_score_nan_and_others_as_if_zero(rank, nv, dim, triton_backend):
+    hidden = hidden_states(1, nv, dim, seed=6)
+    bad = hidden.clone()
+    bad[0, 3, 5] = float("nan")
+    bad[0, 7, 0] = float("-inf")
+    out = _triton_scores(bad, rank, 2)
+    assert out[0, [3, 7]].isnan().all() and not out[0, :3].isnan().any()
+    torch.testing.assert_close(out, python_ref.info_scores(bad, rank=rank, seed=2), equal_nan=True, rtol=1e-5, atol=0)
+
+
+def test_triton_opcheck_compile_and_errors(triton_backend):
+    hidden = hidden_states(2, 24, 16, seed=6).to(TRITON_DEVICE)
+    op = torch.ops.tokencarve.info_scores
+    torch.library.opcheck(op.default, (hidden,))
+    torch.library.opcheck(op.default, (hidden, 4, 1))
+    compiled = torch.compile(lambda h: op(h, 4, 3) + op(h), fullgraph=True)
+    torch.testing.assert_close(compiled(hidden), op(hidden, 4, 3) + op(hidden), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rank must be >= 0"):
+        op(hidden, -1)
+    # D x l = 3 * 2^30 entries: past the int32 Philox offsets (an expanded tensor: no memory)
+    huge = torch.zeros(1, device=TRITON_DEVICE).expand(1, 3, 2**30)
+    with pytest.raises(ValueError, match="must hold fewer than 2"):
+        op(huge, 3)
+
+
+def test_triton_backend_carves_like_the_cpu_kernels():
+    # carve is composed in C++ through the dispatcher: under the triton backend its scores come from Triton.
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    hidden = hidden_states(2, 50, 30, seed=5)
+    attn = attention_scores(2, 50, seed=5)
+    native = tk.carve(hidden, attn, 12, rank=8, seed=3)
+    with tk.use_backend("triton"):
+        carved, keep_idx = tk.carve(hidden.to(TRITON_DEVICE), attn.to(TRITON_DEVICE), 12, rank=8, seed=3)
+    assert torch.equal(keep_idx.cpu(), native[1])
+    torch.testing.assert_close(carved.cpu(), native[0], rtol=1e-6, atol=0.0)

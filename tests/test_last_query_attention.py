@@ -74,3 +74,88 @@ def test_varlen_rejects_bad_cu_seqlens():
         tk.last_query_attention_varlen(q, k, torch.tensor([0, 4, 11]), 0.3)
     with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64, got Float"):
         tk.last_query_attention_varlen(q, k, cu.float(), 0.3)
+
+
+# ---- the Triton kernels (tokencarve_kernels/triton), interpreted on the CPU when there is no GPU ----
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # references stay on the CPU
+
+
+@pytest.fixture
+def triton_backend():
+    pytest.importorskip("triton", reason="the triton backend needs the triton package")
+    with tk.use_backend("triton"):
+        yield
+
+
+def _within_budget(out, q, k, vis_start, vis_len, scale):
+    """The kernel's error against float64 is at most twice the reference's own error when the reference
+    runs in the input's dtype (the FlashAttention rule), with one float32 ulp for the output rounding."""
+    ref = python_ref.last_query_attention(q, k, vis_start, vis_len, scale)
+    low = python_ref.last_query_attention(q, k, vis_start, vis_len, scale, compute_dtype=q.dtype)
+    assert rel_err(out, ref) <= max(2 * rel_err(low, ref), 2.0**-23)
+
+
+# N = 1; vis_start + vis_len = N (the span ends at the last key) with B = 3; d = 24, 40 (not a power of
+# two); N = 700 and 1030 cross the 512-key chunks of the first pass; MHA, GQA and MQA.
+TRITON_SHAPES = [(1, 4, 4, 1, 8, 0, 1), (3, 8, 2, 50, 16, 5, 45), (2, 6, 3, 77, 24, 40, 37),
+                 (1, 32, 8, 700, 64, 35, 576), (3, 4, 1, 1030, 40, 1000, 30)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch, heads_q, heads_k, n, d, vis_start, vis_len", TRITON_SHAPES, ids=lambda v: str(v))
+def test_triton_matches_reference(batch, heads_q, heads_k, n, d, vis_start, vis_len, dtype, triton_backend):
+    q, k = queries_keys(batch, heads_q, heads_k, n, d, seed=n + d, dtype=dtype)
+    qd, kd = q.to(TRITON_DEVICE), k.to(TRITON_DEVICE)
+    out = tk.last_query_attention(qd, kd, vis_start, vis_len, d**-0.5)
+    assert out.dtype == torch.float32 and out.shape == (batch, vis_len)
+    _within_budget(out.cpu(), q, k, vis_start, vis_len, d**-0.5)
+    assert torch.equal(out, tk.last_query_attention(qd, kd, vis_start, vis_len, d**-0.5))  # deterministic
+
+
+def test_triton_reads_strided_keys(triton_backend):
+    # keys as SDPA/FlashAttention layouts hold them: [B, N, Hk, d] memory viewed as [B, Hk, N, d]
+    q, k = queries_keys(2, 8, 2, 90, 32, seed=3)
+    k_strided = k.transpose(1, 2).contiguous().transpose(1, 2)
+    out = tk.last_query_attention(q.to(TRITON_DEVICE), k_strided.to(TRITON_DEVICE), 10, 80, 0.2).cpu()
+    torch.testing.assert_close(out, python_ref.last_query_attention(q, k, 10, 80, 0.2), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lengths", [[1], [7, 33, 2], [0, 12, 0], [600, 77]], ids=str)
+def test_triton_varlen_matches_reference(lengths, dtype, triton_backend):
+    q, k, cu = _packed(lengths, seed=len(lengths) + 1, dtype=dtype)
+    k = torch.cat([k, torch.randn(3, *k.shape[1:]).to(dtype)])  # keys after the last sequence: 0
+    out = tk.last_query_attention_varlen(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), cu.to(TRITON_DEVICE), 0.3).cpu()
+    ref = python_ref.last_query_attention_varlen(q, k, cu, 0.3)
+    assert out.shape == (sum(lengths) + 3,) and out.dtype == torch.float32
+    assert torch.equal(out[-3:], torch.zeros(3))
+    for s, n in enumerate(lengths):  # each sequence within the error budget of its own dense call
+        if n:
+            keys = k[cu[s] : cu[s + 1]].transpose(0, 1)[None]
+            _within_budget(out[cu[s] : cu[s + 1]][None], q[s : s + 1], keys, 0, n, 0.3)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_triton_opcheck_and_compile(triton_backend):
+    q, k = (t.to(TRITON_DEVICE) for t in queries_keys(2, 4, 2, 30, 8))
+    ops = torch.ops.tokencarve
+    packed = k[0].permute(1, 0, 2).contiguous()
+    cu = torch.tensor([0, 12, 30], device=TRITON_DEVICE)
+    torch.library.opcheck(ops.last_query_attention.default, (q, k, 2, 20, 0.35))
+    torch.library.opcheck(ops.last_query_attention_varlen.default, (q, packed, cu, 0.35))
+
+    def fn(q, k):
+        return ops.last_query_attention(q, k, 2, 20, 0.35) * 2.0
+
+    out = torch.compile(fn, fullgraph=True)(q, k)
+    torch.testing.assert_close(out, 2.0 * python_ref.last_query_attention(q, k, 2, 20, 0.35), rtol=1e-5, atol=0.0)
+
+
+def test_triton_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch, triton_backend):
+    from tokencarve_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    q, k = queries_keys(1, 2, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        tk.last_query_attention(q, k, 0, 5, 0.3)

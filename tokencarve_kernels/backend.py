@@ -1,8 +1,12 @@
 """Which implementation runs behind `torch.ops.tokencarve.*` (the TOKENCARVE_BACKEND switch).
 
   auto    (default) CPU tensors: the C++ kernels of csrc/cpu; CUDA tensors: the Triton score kernels
+          (tokencarve_kernels/triton, registered at import when triton imports and CUDA is available)
           and the CUDA kernels of csrc/cuda.
   ref     every stage op on every device runs python_ref (float64, slow): to rule the kernels out.
+  triton  the Triton kernels of the two scores (info_scores, last_query_attention, last_query_attention_varlen)
+          on every device: CPU tensors run them in the Triton interpreter (TRITON_INTERPRET=1, set before
+          the import), which is how CI tests them without a GPU. The other ops keep their `auto` kernels.
 
 `carve`, `carve_varlen` and `gather_kv` are composed in C++ from other ops through the dispatcher, so
 they follow the backend of their stages. The switch is read once at import from the environment; `use_backend` switches for a block of
@@ -19,7 +23,7 @@ import python_ref
 
 from . import _C  # noqa: F401
 
-BACKENDS = ("auto", "ref")
+BACKENDS = ("auto", "ref", "triton")
 _STAGE_OPS = ("info_scores", "last_query_attention", "last_query_attention_varlen", "select", "merge")
 
 
@@ -52,23 +56,51 @@ _REFERENCE = {
 }
 
 
+def _triton_kernels() -> dict:
+    try:
+        from . import triton as kernels
+    except ImportError as exc:
+        raise ImportError(f"tokencarve: the triton backend needs the triton package ({exc})") from exc
+    return {
+        "info_scores": lambda hidden, rank=0, seed=0: kernels.info_scores(hidden, rank, seed),
+        "last_query_attention": kernels.last_query_attention,
+        "last_query_attention_varlen": kernels.last_query_attention_varlen,
+    }
+
+
+def _impl(kernels: dict, keys: tuple[str, ...]) -> torch.library.Library:
+    lib = torch.library.Library("tokencarve", "IMPL")
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        for op_name, fn in kernels.items():
+            for key in keys:
+                lib.impl(op_name, _checked(op_name, fn), key)
+    return lib
+
+
 def _register(name: str) -> torch.library.Library | None:
     if name not in BACKENDS:
         raise ValueError(f"TOKENCARVE_BACKEND must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         return None
-    lib = torch.library.Library("tokencarve", "IMPL")
-    with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
-        warnings.simplefilter("ignore", UserWarning)
-        for op_name in _STAGE_OPS:
-            for key in ("CPU", "CUDA"):
-                lib.impl(op_name, _checked(op_name, _REFERENCE[op_name]), key)
-    return lib
+    if name == "triton":
+        return _impl(_triton_kernels(), ("CPU", "CUDA"))
+    return _impl({op_name: _REFERENCE[op_name] for op_name in _STAGE_OPS}, ("CPU", "CUDA"))
+
+
+def _register_cuda_scores() -> torch.library.Library | None:
+    """The Triton score kernels as the CUDA kernels of `auto`, when triton imports and a GPU is there."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return _impl(_triton_kernels(), ("CUDA",))
+    except ImportError:
+        return None  # no triton: the score ops have no CUDA kernel (the ref backend still works)
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the block with backend `name` ("auto" or "ref"), then restore what was registered before."""
+    """Run the block with backend `name` ("auto", "ref" or "triton"), then restore what was registered before."""
     lib = _register(name)
     try:
         yield
@@ -77,5 +109,7 @@ def use_backend(name: str):
             lib._destroy()
 
 
-# Held for the life of the process when the environment asks for a backend.
+# Held for the life of the process: auto's CUDA score kernels, then the backend the environment asks for
+# (registered later, so it wins).
+_cuda_scores = _register_cuda_scores()
 _from_env = _register(os.environ.get("TOKENCARVE_BACKEND", "auto"))
