@@ -16,7 +16,8 @@ eigenproblem of B B^T; then `_row_l1_kernel`: c_i = sum_j |(Qy W_k sqrt(L_k))_ij
 same sketch on every device and process (tensor-parallel ranks pick the same tokens).
 
 A token whose hidden state holds NaN/Inf: its row is read as zero by every GEMM (the `finite` mask from
-`_finite_rows_kernel`) and its score is NaN, as in python_ref. No host sync anywhere.
+`_finite_rows_kernel`) and its score is NaN, as in python_ref. The kernels never sync; torch.linalg.eigh
+checks its error code on the host, once per call on CUDA (so the score ops cannot be captured in a CUDA graph).
 """
 
 import dataclasses
