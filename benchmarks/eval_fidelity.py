@@ -18,7 +18,7 @@ What makes them as meaningful as a random network allows:
     are the graded measures.
   * images with structure: a flat background with one to three textured ellipses (pixel values in CLIP's
     normalised range), so that patches repeat and some carry more than others;
-  * several model seeds x images x prompts (random question tokens); mean and spread over them;
+  * several model seeds x images x prompts (random system and question tokens); mean and spread over them;
   * the methods' own random draws (random selection, the randomized score's sketch) reseeded per sample.
 No method has a knob set here: each runs as eval_methods defines it, through the same harness.
 
@@ -31,7 +31,9 @@ Embedding-stage TokenCarve (tk.embedding_carve, the serving variant) carves the 
 the LLM, scored by the ViT's [CLS] query over the patch keys of the feature layer. It is fed the way a
 serving engine feeds it: the prompt holds k image tokens instead of 576 (N - 576 + k tokens), embedded by
 the model's own embedding table with the carved features in the image rows (what LLaVA's forward does with
-input_ids and pixel_values), passed as inputs_embeds, so positions are consecutive as in vLLM.
+input_ids and pixel_values), passed as inputs_embeds, so positions are consecutive as in vLLM. Two
+diagnostic rows beside it separate its three differences from the in-LLM carve (carve point, scores,
+positions): the same carve with original position ids, and random selection at the same point.
 
 Metrics per (method, budget), each sample against the uncarved model on the same input:
   rel err   ||h - h_full|| / ||h_full||, h the last hidden state (after the final norm) at the last position
@@ -68,6 +70,7 @@ CARVE_LAYER = 2     # SPEC.md's work layer: carve between decoder layers 1 and 2
 IMAGE_SIDE = 336
 EMBEDDING_STAGE = "embedding-stage tokencarve"
 EMBEDDING_STAGE_ORIGINAL_POSITIONS = "embedding-stage tokencarve, original positions (diagnostic)"
+RANDOM_BEFORE_LLM = "random, before the LLM (diagnostic)"
 ANOTHER_IMAGE = "reference: another image"
 METRICS = ("rel_err", "kl", "top1", "prefix", "spectrum")
 
@@ -231,23 +234,23 @@ def vision_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.stack(features.pooler_output), cls_query, keys, attention.scale
 
 
-def embedding_stage(model, features, cls_query, keys, scale, budget: int, steps: int, input_ids,
-                    original_positions: bool = False) -> tuple[Outcome, float]:
-    """The prompt a serving engine builds for the carved image (N - 576 + T tokens) as inputs_embeds.
+def embedding_stage(model, carved: torch.Tensor, keep_idx: torch.Tensor, steps: int, input_ids: torch.Tensor,
+                    original_positions: bool = False) -> Outcome:
+    """Generate from the prompt a serving engine builds for a carved image: carved [1, T, D] features in T image
+    tokens (N - 576 + T tokens), as inputs_embeds, positions 0 .. N' - 1.
 
-    original_positions: a diagnostic, not what vLLM does: every kept token at its original position id (as the
-    in-LLM carve keeps them) and generation continuing at N, so that the effect of renumbering is seen apart.
+    original_positions: a diagnostic, not what vLLM does: each kept token at its original position id (keep_idx
+    [1, T], as the in-LLM carve keeps them) and generation continuing at N, to see the renumbering's share apart.
     """
+    start, end = image_span(input_ids)
     with torch.no_grad():
-        carved, keep_idx = tk.embedding_carve(features, cls_query, keys, budget, scale=scale)
-        start, end = image_span(input_ids)
         ids = torch.cat([input_ids[:, :start], torch.full((1, carved.shape[1]), LLAVA_IMAGE_TOKEN), input_ids[:, end:]], 1)
         embeds = model.get_input_embeddings()(ids)
         embeds = embeds.masked_scatter((ids == LLAVA_IMAGE_TOKEN)[..., None], carved.to(embeds.dtype))
     extra = {}
     if original_positions:
         extra["position_ids"] = torch.cat([torch.arange(start), start + keep_idx[0], torch.arange(end, input_ids.shape[1])])[None]
-    return generate(model, steps, inputs_embeds=embeds, **extra), eval_methods.spectrum_share(features, carved)
+    return generate(model, steps, inputs_embeds=embeds, **extra)
 
 
 # ------------------------------------------------------------------------------------------------ the evaluation
@@ -275,11 +278,15 @@ def evaluate(setup: Setup, log=print) -> list[dict]:
                         outcome, share = in_llm(model, method, budget, setup.steps, inputs)
                         rows.append({**tag, "method": name, "stage": f"LLM layer {CARVE_LAYER}", "budget": budget,
                                      **compare(full, outcome, share)})
-                    for name, original in ((EMBEDDING_STAGE, False), (EMBEDDING_STAGE_ORIGINAL_POSITIONS, True)):
-                        outcome, share = embedding_stage(model, features, cls_query, keys, scale, budget, setup.steps,
-                                                         input_ids, original)
+                    with torch.no_grad():
+                        carved = tk.embedding_carve(features, cls_query, keys, budget, scale=scale)
+                        sampled = methods["random"](features, None, budget)
+                    for name, (kept, keep_idx), original in ((EMBEDDING_STAGE, carved, False),
+                                                             (EMBEDDING_STAGE_ORIGINAL_POSITIONS, carved, True),
+                                                             (RANDOM_BEFORE_LLM, sampled, False)):
+                        outcome = embedding_stage(model, kept, keep_idx, setup.steps, input_ids, original)
                         rows.append({**tag, "method": name, "stage": "before LLM", "budget": budget,
-                                     **compare(full, outcome, share)})
+                                     **compare(full, outcome, eval_methods.spectrum_share(features, kept))})
                 sample += 1
                 log(f"  sample {sample} (model seed {model_seed}, image {image}, prompt {prompt}): "
                     f"{time.perf_counter() - start:.1f} s")

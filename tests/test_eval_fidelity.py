@@ -13,7 +13,8 @@ from benchmarks import eval_fidelity as ef  # noqa: E402
 from benchmarks import eval_methods  # noqa: E402
 from tests.inputs import attention_scores, hidden_states  # noqa: E402
 
-CARVED_METHODS = set(eval_methods.METHODS) | {ef.EMBEDDING_STAGE, ef.EMBEDDING_STAGE_ORIGINAL_POSITIONS}
+CARVED_METHODS = set(eval_methods.METHODS) | {ef.EMBEDDING_STAGE, ef.EMBEDDING_STAGE_ORIGINAL_POSITIONS,
+                                              ef.RANDOM_BEFORE_LLM}
 
 
 # ------------------------------------------------------------------------------------------------ metrics by hand
