@@ -15,9 +15,9 @@ import python_ref
 import tokencarve_kernels as tk
 
 
-def tokencarve(attn_weight: float = 0.5, rank: int = 0, merge: str = "mean"):
+def tokencarve(attn_weight: float = 0.5, rank: int = 0, merge: str = "mean", seed: int = 0):
     def method(hidden, attn, budget):
-        return tk.carve(hidden, attn, budget, attn_weight=attn_weight, rank=rank, merge=merge)
+        return tk.carve(hidden, attn, budget, attn_weight=attn_weight, rank=rank, seed=seed, merge=merge)
 
     return method
 
@@ -45,7 +45,7 @@ def diversity(hidden, attn, budget):
     dist = 1.0 - x @ x.T
     chosen = [int(dist.sum(1).argmax())]
     nearest = dist[chosen[0]].clone()
-    for _ in range(budget - 1):
+    for _ in range(min(budget, x.shape[0]) - 1):
         nearest[chosen] = -1.0
         nxt = int(nearest.argmax())
         chosen.append(nxt)
@@ -84,18 +84,25 @@ def _take(hidden, keep_idx):
     return torch.gather(hidden, 1, keep_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-# merge="size" is absent: inside carve every size is 1, where it equals "mean".
-METHODS = {
-    "tokencarve": tokencarve(),
-    "tokencarve-similarity": tokencarve(merge="similarity"),
-    "tokencarve-rand64": tokencarve(rank=64),
-    "info-only": tokencarve(attn_weight=0.0),
-    "attention-only (FastV-like)": tokencarve(attn_weight=1.0),
-    "no-merge": no_merge,
-    "random": random_selection(),
-    "diversity (DivPrune-like)": diversity,
-    "bipartite merge (ToMe-like)": bipartite_merge,
-}
+def methods(seed: int = 0) -> dict:
+    """Every method by name; `seed` drives the two that draw random numbers (the randomized score's sketch,
+    random selection), so that an evaluation over several samples can draw afresh for each one.
+    merge="size" is absent: inside carve every size is 1, where it equals "mean"."""
+    return {
+        "tokencarve": tokencarve(),
+        "tokencarve-similarity": tokencarve(merge="similarity"),
+        "tokencarve-rand64": tokencarve(rank=64, seed=seed),
+        "tokencarve-rand64-similarity": tokencarve(rank=64, merge="similarity", seed=seed),
+        "info-only": tokencarve(attn_weight=0.0),
+        "attention-only (FastV-like)": tokencarve(attn_weight=1.0),
+        "no-merge": no_merge,
+        "random": random_selection(seed),
+        "diversity (DivPrune-like)": diversity,
+        "bipartite merge (ToMe-like)": bipartite_merge,
+    }
+
+
+METHODS = methods()
 
 
 def spectrum_share(hidden: torch.Tensor, carved: torch.Tensor) -> float:

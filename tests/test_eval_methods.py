@@ -36,3 +36,29 @@ def test_spectrum_share_is_one_for_everything_and_less_for_a_part():
     hidden = hidden_states(1, 40, 16, seed=2)
     assert eval_methods.spectrum_share(hidden, hidden) == pytest.approx(1.0)
     assert eval_methods.spectrum_share(hidden, hidden[:, :10]) < 1.0
+
+
+@pytest.mark.parametrize("name", list(eval_methods.METHODS))
+def test_every_method_keeps_everything_at_a_budget_of_all_tokens(name):
+    """The harness's keep-all check rests on this: budget >= Nv returns the input, in order."""
+    hidden, attn = hidden_states(1, 30, 16, seed=4), attention_scores(1, 30, seed=4)
+    for budget in (30, 45):
+        carved, keep_idx = eval_methods.METHODS[name](hidden, attn, budget)
+        assert keep_idx.tolist() == [list(range(30))]
+        torch.testing.assert_close(carved, hidden, rtol=0, atol=0)
+
+
+def test_methods_reseed_only_their_random_draws():
+    # D = 160 > rank 64 and a slow spectral decay: the rank-64 sketch is an approximation and its seed matters
+    hidden, attn = hidden_states(1, 200, 160, seed=5, decay=1.0), attention_scores(1, 200, seed=5)
+    first, second = eval_methods.methods(seed=1), eval_methods.methods(seed=2)
+    assert not torch.equal(first["random"](hidden, attn, 20)[1], second["random"](hidden, attn, 20)[1])
+    assert torch.equal(first["random"](hidden, attn, 20)[1], eval_methods.methods(seed=1)["random"](hidden, attn, 20)[1])
+    for name in ("tokencarve-rand64", "tokencarve-rand64-similarity"):
+        ours = first[name](hidden, attn, 20)
+        assert not torch.equal(ours[1], second[name](hidden, attn, 20)[1]), name
+        theirs = eval_methods.tokencarve(rank=64, merge=name.removeprefix("tokencarve-rand64").lstrip("-") or "mean",
+                                         seed=1)(hidden, attn, 20)
+        assert torch.equal(ours[1], theirs[1]) and torch.equal(ours[0], theirs[0])
+    for name in ("tokencarve", "no-merge", "diversity (DivPrune-like)", "bipartite merge (ToMe-like)"):
+        assert torch.equal(first[name](hidden, attn, 20)[1], second[name](hidden, attn, 20)[1]), name
