@@ -240,6 +240,7 @@ class TokenCarveHandle:
         for hook in self._hooks:
             hook.remove()
         self._attn.config = self._attn_config
+        # transformers has AttentionInterface.register but no unregister: drop our entry from its mapping.
         AttentionInterface._global_mapping.pop(self._impl_name, None)
         if self._had_own_features:
             self._core.get_image_features = self._original_features
