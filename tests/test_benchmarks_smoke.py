@@ -12,7 +12,7 @@ from benchmarks import harness, run
 TINY = ["--shapes", "tiny", "--batch", "1", "3", "--dtype", "fp32", "bf16", "--repeats", "3", "--max-seconds", "0.05",
         "--no-table"]
 EXPECTED = {  # module -> {op: impls} on the CPU
-    bench_last_query_attention: {"last_query_attention": {"tokencarve", "python_ref", "authors"}},
+    bench_last_query_attention: {"last_query_attention": {"tokencarve", "python_ref", "torch_fp32", "authors"}},
     bench_info_scores: {"info_scores": {"tokencarve", "python_ref", "authors"},
                         "info_scores_randomized": {"tokencarve", "python_ref"}},
     bench_select: {"select": {"tokencarve", "python_ref"}},
