@@ -36,9 +36,14 @@ TARGETS = {(OP, "python_ref"): 3.0, (OP, "authors_scoring"): 8.0, (PARTS, "pytho
 TARGET_POINT = ("llava15", 8)
 
 
-def _authors_carve(x: torch.Tensor, attn: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    order = python_ref.select(attn, python_ref.authors_info_scores(x), budget)
-    carved, keep_idx, _ = python_ref.merge(x, order, budget)
+def authors_carve(x: torch.Tensor, attn: torch.Tensor, budget: int, ops=python_ref
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenCarve with the authors' scores (float32 full SVD per image), then `ops`'s select and merge: python_ref,
+    or torch.ops.tokencarve where only the scoring should differ from the package's carve (bench_hf).
+
+    x [B, Nv, D], attn [B, Nv] -> (carved [B, T, D], keep_idx [B, T])."""
+    order = ops.select(attn, python_ref.authors_info_scores(x), budget)
+    carved, keep_idx, _ = ops.merge(x, order, budget)
     return carved, keep_idx
 
 
@@ -61,7 +66,7 @@ def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.de
                      batch * bench_info_scores.thin_svd_flops(nv, d) + merge_flops, "fp64", "float64 thin SVD", ref_peak),
         harness.Case(OP, "authors_scoring", lambda: python_ref.authors_info_scores(x), batch * (e * nv * d + 4 * nv),
                      batch * bench_info_scores.full_svd_flops(nv, d), "fp32", "scoring only", authors_peak),
-        harness.Case(OP, "authors", lambda: _authors_carve(x, attn, t), io,
+        harness.Case(OP, "authors", lambda: authors_carve(x, attn, t), io,
                      batch * bench_info_scores.full_svd_flops(nv, d) + merge_flops, "fp32",
                      "their scoring + python_ref select/merge", authors_peak),
         harness.Case(OP, "fastv", lambda: tk.carve(x, attn, t, attn_weight=1.0, check_finite=False),

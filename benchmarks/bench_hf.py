@@ -14,19 +14,25 @@ tokens, the others on N - 576 + T; the vision tower is outside it).
     python -m benchmarks.bench_hf --threads 1          # CPU: 8 layers, D = 1024 (about 2 minutes); on a shared
                                                        # machine one thread gives steadier ratios than two
     python -m benchmarks.bench_hf --device cuda        # GPU: LLaVA-1.5-7B shapes in bf16, TTFT and decode
+    python -m benchmarks.bench_hf --layers 2 --dim 64 --layer 1 --repeats 3   # seconds: the script runs
+
+Prefills are timed by benchmarks/harness.py (measure_many: the configurations take turns, so a change in the
+machine's load shifts all of them alike; CUDA events on a GPU). One row per configuration is appended to
+benchmarks/out/bench_hf.csv (--csv), with the device, versions and git SHA.
 """
 
-import argparse
 import contextlib
+import functools
 import inspect
+import os
 import statistics
 import time
 
 import torch
 
-import python_ref
 import tokencarve_kernels as tk
-from benchmarks.harness import device_name
+from benchmarks import harness
+from benchmarks.bench_carve import authors_carve
 from tokencarve_kernels.demo import NUM_VISUAL, llava_15_config, llava_prompt
 from tokencarve_kernels.integrations.hf import apply_tokencarve
 
@@ -56,13 +62,6 @@ def build(device: str, dtype: torch.dtype, layers: int | None, dim: int | None):
 def prompt(device: str, dtype: torch.dtype) -> dict:
     inputs = llava_prompt()
     return {"input_ids": inputs["input_ids"].to(device), "pixel_values": inputs["pixel_values"].to(device, dtype)}
-
-
-def authors_carve(hidden: torch.Tensor, attn: torch.Tensor, budget: int):
-    """TokenCarve with the authors' scores (float32 full SVD per image), the package's select and merge."""
-    order = tk.select(attn, python_ref.authors_info_scores(hidden), budget, check_finite=False)
-    carved, keep, _ = tk.merge(hidden, order, budget, check_finite=False)
-    return carved, keep
 
 
 def flop_speedup(config, n: int, budget: int, layer: int) -> float:
@@ -123,32 +122,32 @@ def configurations(with_authors: bool) -> list[dict]:
     rows = [{"config": "unpatched (sdpa)", "budget": NUM_VISUAL, "attn": "sdpa", "patch": False, "carve_fn": None}]
     rows += [{"config": f"tokencarve T={t}", "budget": t, "attn": "sdpa", "patch": True, "carve_fn": None} for t in BUDGETS]
     if with_authors:
+        # Their scores, the package's select and merge: only the scoring (and eager attention) differ from ours.
+        carve_fn = functools.partial(authors_carve, ops=torch.ops.tokencarve)
         rows += [{"config": f"authors T={t} (eager + fp32 SVD)", "budget": t, "attn": "eager", "patch": True,
-                  "carve_fn": authors_carve} for t in BUDGETS[1:]]
+                  "carve_fn": carve_fn} for t in BUDGETS[1:]]
     return rows
 
 
-def measure_all(model, inputs, configs: list[dict], device: str, layer: int, repeats: int, decode: int) -> None:
-    """Fills each configuration's kv_bytes, carved_len, prefill_ms (median) and decode_tok_s (median).
+def measure_all(model, inputs, configs: list[dict], device: str, layer: int, repeats: int, decode: int,
+                max_seconds: float) -> None:
+    """Fills each configuration's prefill_ms / p20_ms / p80_ms, kv_bytes and carved_len (read from its last
+    prefill's cache) and decode_tok_s (median), or None without --decode.
 
-    The configurations take turns, one prefill each per round, so that a change in the machine's load (the CPUs
-    here are shared) shifts all of them alike; round 0 is the warm-up and reads the cache size."""
-    times = [[] for _ in configs]
-    for round_ in range(repeats + 1):
-        for config, series in zip(configs, times):
-            with configured(model, config, layer):
-                _sync(device)
-                start = time.perf_counter()
-                out = prefill(model, inputs)
-                _sync(device)
-                if round_:
-                    series.append((time.perf_counter() - start) * 1e3)
-                else:
-                    cache = _cache_of(out)
-                    config["kv_bytes"] = sum(e.keys.nbytes + e.values.nbytes for e in cache.layers)
-                    config["carved_len"] = cache.layers[-1].keys.shape[-2]
-    for config, series in zip(configs, times):
-        config["prefill_ms"] = statistics.median(series)
+    Prefills: harness.measure_many, so the configurations take turns (a change in the machine's load shifts them
+    alike). Applying and removing the patch happens inside the timed call: microseconds of Python next to a prefill."""
+
+    def configured_prefill(config):
+        with configured(model, config, layer):
+            return prefill(model, inputs)
+
+    stats, outputs = harness.measure_many([functools.partial(configured_prefill, c) for c in configs], device,
+                                          repeats=repeats, max_seconds=max_seconds)
+    for config, stat, out in zip(configs, stats, outputs):
+        cache = _cache_of(out)
+        config.update(prefill_ms=stat["median_ms"], p20_ms=stat["p20_ms"], p80_ms=stat["p80_ms"],
+                      kv_bytes=sum(e.keys.nbytes + e.values.nbytes for e in cache.layers),
+                      carved_len=cache.layers[-1].keys.shape[-2], decode_tok_s=None)
     if decode:
         rates = [[] for _ in configs]
         for _ in range(max(1, repeats // 3)):
@@ -160,6 +159,8 @@ def measure_all(model, inputs, configs: list[dict], device: str, layer: int, rep
 
 
 def report(configs: list[dict], model, n: int, layer: int, decode: int, gpu: bool) -> list[dict]:
+    """Prints the table and returns one row per configuration. Raises if a configuration's KV cache does not hold
+    the prompt carved to its budget (N - 576 + T tokens): its times would then be of something else."""
     base = configs[0]
     head = (f"{'configuration':<36} {'N_kv':>5} {'TTFT ms' if gpu else 'prefill ms':>10} {'speed-up':>8} "
             f"{'FLOPs say':>9} {'KV bytes':>9}")
@@ -169,14 +170,18 @@ def report(configs: list[dict], model, n: int, layer: int, decode: int, gpu: boo
     print("-" * len(head))
     rows = []
     for config in configs:
+        expected = n - NUM_VISUAL + min(config["budget"], NUM_VISUAL)
+        if config["carved_len"] != expected:
+            raise AssertionError(f"{config['config']}: the KV cache holds {config['carved_len']} tokens, expected "
+                                 f"{expected} (N = {n} with {NUM_VISUAL} visual tokens carved to {config['budget']})")
         row = {k: v for k, v in config.items() if k not in ("carve_fn", "patch")}
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
         row["kv_ratio"] = row["kv_bytes"] / base["kv_bytes"]
         row["flop_speedup"] = 1.0 if config is base else flop_speedup(model.config, n, row["budget"], layer)
+        row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"] if decode else None
         line = (f"{row['config']:<36} {row['carved_len']:>5} {row['prefill_ms']:>10.1f} {row['prefill_speedup']:>7.2f}x "
                 f"{row['flop_speedup']:>8.2f}x {row['kv_ratio']:>9.3f}")
         if decode:
-            row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
             line += f" {row['decode_tok_s']:>12.1f} {row['decode_ratio']:>5.2f}x"
         print(line)
         rows.append(row)
@@ -186,18 +191,27 @@ def report(configs: list[dict], model, n: int, layer: int, decode: int, gpu: boo
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--layers", type=int, default=None, help="text decoder layers (default: 8 on CPU, 32 on GPU)")
     parser.add_argument("--dim", type=int, default=None, help="text hidden size (default: 1024 on CPU, 4096 on GPU)")
     parser.add_argument("--layer", type=int, default=2, help="carve between decoder layers layer-1 and layer")
-    parser.add_argument("--repeats", type=int, default=None, help="timed prefills per configuration (default 5 CPU, 10 GPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed prefills per configuration, {harness.MIN_RUNS} at least (default 5 CPU, 10 GPU)")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="timing budget per configuration: fewer prefills (not under %d) where they are slower"
+                        % harness.MIN_RUNS)
     parser.add_argument("--decode", type=int, default=None, help="decode steps timed (default 0 on CPU, 64 on GPU)")
     parser.add_argument("--no-authors", action="store_true", help="skip the eager + full-SVD emulation")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--csv", default=os.path.join(harness.OUT_DIR, "bench_hf.csv"), help="results file (appended)")
+    parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with harness.cpu_threads(args.threads):
+        return run(args)
+
+
+def run(args) -> list[dict]:
     gpu = args.device == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     repeats = args.repeats or (10 if gpu else 5)
@@ -216,13 +230,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     inputs = prompt(args.device, dtype)
     n = inputs["input_ids"].shape[1]
     text = model.config.text_config
-    print(f"LLaVA-shaped random model on {device_name(args.device)}, {dtype}: text {text.num_hidden_layers} layers, "
+    print(f"LLaVA-shaped random model on {harness.device_name(args.device)}, {dtype}: text {text.num_hidden_layers} layers, "
           f"D = {text.hidden_size}, prompt N = {n} ({NUM_VISUAL} visual), batch 1, carve at layer {args.layer}, "
           f"torch {torch.__version__}")
     configs = configurations(not args.no_authors)
     with backend:
-        measure_all(model, inputs, configs, args.device, args.layer, repeats, decode)
-    return report(configs, model, n, args.layer, decode, gpu)
+        measure_all(model, inputs, configs, args.device, args.layer, repeats, decode, args.max_seconds)
+    rows = report(configs, model, n, args.layer, decode, gpu)
+    meta = dict(device=harness.device_name(args.device), dtype=str(dtype).removeprefix("torch."),
+                text_layers=text.num_hidden_layers, text_dim=text.hidden_size, prompt_tokens=n, layer=args.layer,
+                sha=harness.git_sha(), run=harness.RUN_ID, **harness.versions())
+    rows = [{**row, **meta} for row in rows]
+    if not args.no_csv:
+        harness.append_csv(rows, args.csv)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """last_query_attention: the last prompt token's head-mean attention over the visual keys.
 
     python -m benchmarks.bench_last_query_attention [--device cuda] [--dtype fp32 bf16 fp16] [--batch 1 8] [--full]
+    python -m benchmarks.bench_last_query_attention --device cuda --dtype bf16 --shapes llava15 llava15_gqa video_long
 
-Impls: the op (C++ on the CPU, "tokencarve"; Triton on CUDA, "triton"); python_ref (float64); authors (the
-eager route the authors force in every layer: all N queries against all N keys, the causal N x N
-probabilities, then their last row).
+Impls: the op (C++ on the CPU, "tokencarve"; Triton on CUDA, "triton"); python_ref (float64); torch_fp32
+(python_ref's formula run in float32: the obvious PyTorch route, K repeated over the query groups, one
+[B, Hq, N] row of logits, softmax, head mean); authors (the eager route the authors force in every layer: all
+N queries against all N keys, the causal N x N probabilities, then their last row).
+Shapes beyond --full: llava15_gqa (Hk = 8 key heads for Hq = 32) and video_long (N = 32892 keys).
 
 Cost model per image, N keys, Hq query heads, Hk key heads of size d, element size e:
-  op, python_ref  bytes = e (Hq d + Hk N d) + 4 Nv              q and K read once, the row written (float32)
-                  flops = 2 Hq N d                              the logits (exponentials not counted)
+  op, python_ref, bytes = e (Hq d + Hk N d) + 4 Nv             q and K read once, the row written (float32)
+  torch_fp32      flops = 2 Hq N d                              the logits (exponentials not counted)
   authors         bytes = e (Hq N d + Hk N d) + 2 e Hq N^2 + 4 Nv  all queries and K read once; the N x N
                                                                 logits written once and read once (the least
                                                                 any unfused softmax over them moves)
@@ -40,6 +43,8 @@ def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.de
                      lambda: tk.last_query_attention(q, k, start, nv, scale, check_finite=False), row_bytes, row_flops),
         harness.Case(OP, "python_ref", lambda: python_ref.last_query_attention(q, k, start, nv, scale), row_bytes,
                      row_flops, "fp64", "float64", batch * 8 * hq * n * (d + 2)),
+        harness.Case(OP, "torch_fp32", lambda: python_ref.last_query_attention(q, k, start, nv, scale, torch.float32),
+                     row_bytes, row_flops, "fp32", "float32 torch ops", batch * 4 * hq * n * (d + 2)),
     ]
     if reason := harness.too_big(eager_peak, device):
         return out + [harness.Skip(OP, "authors", reason)]

@@ -45,6 +45,7 @@ RUN_ID = time.strftime("%Y-%m-%dT%H:%M:%S")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_RUNS = 3          # timed calls per impl, at least, whatever the time budget
 ROUNDS = 3            # interleaved rounds over the impls of one point
+CLOCKS = ("wall", "process")
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -78,6 +79,9 @@ SHAPES = {
     "llava15": Shape("llava15", 576, 4096, 128),                   # one 336 px image; N = 700
     "llava_next": Shape("llava_next", 2880, 4096, 640, frames=5),  # anyres: base image + 4 tiles of 576
     "video": Shape("video", 16384, 4096, 3641, frames=64),         # 64 frames of 256 tokens
+    # Named with --shapes only (not in --full): grouped-query attention, and the longest prompt (N = 32892).
+    "llava15_gqa": Shape("llava15_gqa", 576, 4096, 128, heads_k=8),      # a Mistral-7B-like decoder: 8 KV heads
+    "video_long": Shape("video_long", 32768, 4096, 7282, frames=128),   # 128 frames of 256 tokens
 }
 STANDARD_SHAPES = ("llava15",)
 FULL_SHAPES = ("llava15", "llava_next", "video")
@@ -119,8 +123,15 @@ def element_size(dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any]], tuple[float, Any]]:
-    """A function that calls fn once and returns (milliseconds, fn's result)."""
+def _timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], Any]], tuple[float, Any]]:
+    """A function that calls fn once and returns (milliseconds, fn's result).
+
+    clock "wall": CUDA events on a GPU, wall time on the CPU. "process" (CPU only): the process's CPU time, which
+    on a shared machine measures the work of a one-thread call rather than the neighbours' load."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock == "process" and device.type != "cpu":
+        raise ValueError(f"clock 'process' measures CPU time: it cannot time work on {device}")
     if device.type == "cuda":
         # Zeroing a buffer larger than any L2 before each call: every call starts from a cold cache, so
         # memory-bound kernels are measured against HBM, not against the input left in L2 by the last call.
@@ -137,10 +148,12 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any]], tuple[float, A
 
         return timed_cuda
 
+    now = time.process_time if clock == "process" else time.perf_counter
+
     def timed_cpu(fn):
-        start = time.perf_counter()
+        start = now()
         out = fn()
-        return (time.perf_counter() - start) * 1e3, out
+        return (now() - start) * 1e3, out
 
     return timed_cpu
 
@@ -152,14 +165,14 @@ def _stats(times: list[float]) -> dict:
 
 
 def measure_many(fns: list[Callable[[], Any]], device: torch.device | str = "cpu", *, repeats: int = 10,
-                 max_seconds: float = 10.0) -> tuple[list[dict], list[Any]]:
+                 max_seconds: float = 10.0, clock: str = "wall") -> tuple[list[dict], list[Any]]:
     """Time several functions side by side: one warm-up call each (compilation, first-touch allocation),
     then ROUNDS interleaved rounds. Function i gets max(MIN_RUNS, min(repeats, max_seconds / t_i)) timed
-    calls in all (t_i: its warm-up time), spread evenly over the rounds.
+    calls in all (t_i: its warm-up time), spread evenly over the rounds. clock: see _timer.
 
     Returns per function {median_ms, p20_ms, p80_ms, runs}, and the result of its last call.
     """
-    timed = _timer(torch.device(device))
+    timed = _timer(torch.device(device), clock)
     warm = [timed(fn) for fn in fns]
     outputs = [out for _, out in warm]
     calls = [max(MIN_RUNS, min(repeats, int(max_seconds * 1e3 / max(ms, 1e-3)))) for ms, _ in warm]
@@ -172,9 +185,10 @@ def measure_many(fns: list[Callable[[], Any]], device: torch.device | str = "cpu
     return [_stats(s) for s in samples], outputs
 
 
-def measure(fn: Callable[[], Any], device: torch.device | str = "cpu", *, repeats: int = 10, max_seconds: float = 10.0) -> dict:
-    """Median, p20 and p80 wall time of fn() in milliseconds (device-synchronised)."""
-    return measure_many([fn], device, repeats=repeats, max_seconds=max_seconds)[0][0]
+def measure(fn: Callable[[], Any], device: torch.device | str = "cpu", *, repeats: int = 10, max_seconds: float = 10.0,
+            clock: str = "wall") -> dict:
+    """Median, p20 and p80 time of fn() in milliseconds (device-synchronised), as measure_many."""
+    return measure_many([fn], device, repeats=repeats, max_seconds=max_seconds, clock=clock)[0][0]
 
 
 # ---------------------------------------------------------------------------------------------- the machine
@@ -262,6 +276,11 @@ class Row:
     flops: float = 0.0
     flop_dtype: str = "fp32"   # which measured matmul rate bounds the flops
     note: str = ""
+
+    @classmethod
+    def from_stats(cls, op: str, impl: str, shape: str, dtype: str, stats: dict, **cost) -> "Row":
+        """A row from measure / measure_many's stats; cost: bytes, flops, flop_dtype, note."""
+        return cls(op, impl, shape, dtype, stats["median_ms"], stats["p20_ms"], stats["p80_ms"], **cost)
 
     def complete(self, device: torch.device | str) -> dict:
         device = torch.device(device)
@@ -358,10 +377,15 @@ class Report:
         self.notes += other.notes
 
 
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose --help shows the script's docstring: its first line, then the rest (the commands) verbatim."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog="\n".join(doc.splitlines()[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """The command line every bench script shares."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0], epilog="\n".join(doc.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(doc)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
@@ -484,8 +508,8 @@ def _sweep(name, args, cases_fn, check_fn, ratios_fn) -> Report:
         if not runnable:
             continue
         stats, outputs = measure_many([c.fn for c in runnable], device, repeats=args.repeats, max_seconds=args.max_seconds)
-        rows = [Row(c.op, c.impl, label(shape, batch), dtype_name, s["median_ms"], s["p20_ms"], s["p80_ms"],
-                    c.bytes, c.flops, c.flop_dtype, c.note).complete(device) for c, s in zip(runnable, stats)]
+        rows = [Row.from_stats(c.op, c.impl, label(shape, batch), dtype_name, s, bytes=c.bytes, flops=c.flops,
+                               flop_dtype=c.flop_dtype, note=c.note).complete(device) for c, s in zip(runnable, stats)]
         if not args.no_csv:
             append_csv(rows, args.csv)
         report.rows += rows

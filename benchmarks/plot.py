@@ -6,12 +6,11 @@ One figure per (op, device): x = the shape column (as written by the benchmark),
 p20-p80 band, one line per implementation (log scale: the baselines are orders of magnitude apart).
 """
 
-import argparse
 import csv
 import os
 from collections import defaultdict
 
-from benchmarks.harness import OUT_DIR, RESULTS_CSV
+from benchmarks.harness import OUT_DIR, RESULTS_CSV, argument_parser
 
 
 def load(path: str) -> list[dict]:
@@ -56,7 +55,7 @@ def render(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def main(argv=None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--csv", default=RESULTS_CSV)
     parser.add_argument("--out", default=OUT_DIR)
     args = parser.parse_args(argv)

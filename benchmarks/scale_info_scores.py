@@ -2,6 +2,7 @@
 
     python -m benchmarks.scale_info_scores [--device cpu|cuda] [--dim 1024] [--ranks 128,256]
                                            [--nvs 256,576,1152,...] [--png PATH]
+    python -m benchmarks.scale_info_scores --device cuda --dim 4096 --nvs 576,2880,16384 --ranks 64,128,256
 
 Times `torch.ops.tokencarve.info_scores` (CPU: the C++ kernel; CUDA: the Triton kernels) on one image
 of hidden states from tests/inputs.hidden_states at D = --dim, for Nv from well below D to 16 D. Once
@@ -9,37 +10,27 @@ Nv > D the exact path works on the D x D Gram (X^T X, eigh, then |X V| row sums)
 on [Nv, rank] sketches, so both should grow linearly in Nv there; the script prints the log-log slope
 of each curve over Nv >= 2 D, appends rows to benchmarks/out/results.csv (benchmarks/harness.py) and
 plots time against Nv on log-log axes with a slope-1 guide (benchmarks/out/scale_info_scores_<device>.png).
+The second command is the GPU's: LLaVA-1.5, LLaVA-NeXT and video sizes at Llama-2-7B's width.
 
-On the CPU it times one thread by its process CPU time (median of --repeats): on a shared machine wall
-time measures the neighbours' load, while the CPU time of one thread measures the work, which is what the
-growth in Nv is about. On a GPU it is harness.measure (wall time, synchronised).
+At each Nv the exact and randomized calls are timed side by side (harness.measure_many), and each output is
+checked against python_ref's (the exact one computed by float64 Gram + eigh, the randomized one by the same
+seeded algorithm) to harness.PACKAGE_TOLERANCE: a wrong computation stops the run. On the CPU it times one
+thread by its process CPU time (harness's "process" clock): on a shared machine wall time measures the
+neighbours' load, while the CPU time of one thread measures the work, which is what the growth in Nv is about.
+On a GPU, CUDA events.
 """
 
-import argparse
 import math
 import os
-import statistics
-import time
 
 import torch
 
+import python_ref
 import tokencarve_kernels  # noqa: F401  (registers the ops)
-from benchmarks.harness import OUT_DIR, Row, append_csv, device_name, measure
-from python_ref.info_scores import OVERSAMPLING, POWER_ITERATIONS
-from tests.inputs import hidden_states
-
-
-def cpu_time(fn, repeats: int) -> dict:
-    """Median, p20 and p80 process CPU time of fn() in ms (call with one torch thread)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append((time.process_time() - start) * 1e3)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+from benchmarks.bench_info_scores import exact_flops, randomized_flops
+from benchmarks.harness import (OUT_DIR, PACKAGE_TOLERANCE, RESULTS_CSV, Row, append_csv, argument_parser, cpu_threads,
+                                device_name, measure_many)
+from tests.inputs import hidden_states, rel_err
 
 
 def _slope(points: list[tuple[int, float]]) -> float:
@@ -76,42 +67,52 @@ def plot(curves: dict[str, list[tuple[int, float]]], dim: int, device: str, path
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> dict[str, list[tuple[int, float]]]:
+    """Returns the curves: {"exact" or "rank k": [(Nv, median ms), ...]}."""
+    parser = argument_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--ranks", default="128,256", help="randomized ranks to time beside the exact score")
     parser.add_argument("--nvs", default=None, help="comma-separated Nv values (default: D/4 .. 16 D)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per point (3 at least)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="timing budget per call and point")
     parser.add_argument("--png", default=None)
+    parser.add_argument("--csv", default=RESULTS_CSV, help="results file (appended)")
+    parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
+    # One thread on the CPU: its process time is then the work of one call.
+    with cpu_threads(1 if torch.device(args.device).type == "cpu" else None):
+        return run(args)
+
+
+def run(args) -> dict[str, list[tuple[int, float]]]:
     dim, device, dtype = args.dim, torch.device(args.device), getattr(torch, args.dtype)
     default_nvs = [dim // 4, 576, dim, 2 * dim, 4 * dim, 8 * dim, 16 * dim]
     nvs = sorted(set(int(v) for v in args.nvs.split(",")) if args.nvs else set(default_nvs))
     ranks = [int(r) for r in args.ranks.split(",") if r]
-    curves = {"exact": [], **{f"rank {r}": [] for r in ranks}}
+    names = ["exact", *(f"rank {r}" for r in ranks)]
+    curves = {name: [] for name in names}
     rows = []
     op = torch.ops.tokencarve.info_scores
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    clock = "process" if device.type == "cpu" else "wall"
     for nv in nvs:
         hidden = hidden_states(1, nv, dim, seed=nv, dtype=dtype).to(device)
-        for rank in [0, *ranks]:
-            name = "exact" if rank == 0 else f"rank {rank}"
-            run = lambda: op(hidden, rank, 0)  # noqa: E731
-            stats = (cpu_time(run, args.repeats) if device.type == "cpu"
-                     else measure(run, device, repeats=args.repeats, warmup=1, max_seconds=60.0))
-            curves[name].append((nv, stats["median_ms"]))
-            m = min(nv, dim)
-            width = min(rank + OVERSAMPLING, m)
-            flops = nv * dim * m + 9 * m**3 if rank == 0 else (2 + 2 * POWER_ITERATIONS) * 2 * nv * dim * width
-            rows.append(Row(op="info_scores_scale", impl=name.replace(" ", ""), shape=f"Nv={nv},D={dim}",
-                            dtype=args.dtype, median_ms=stats["median_ms"], p20_ms=stats["p20_ms"],
-                            p80_ms=stats["p80_ms"], bytes=hidden.numel() * hidden.element_size(), flops=flops,
-                            flop_dtype="fp64").complete(device))
-            print(f"Nv={nv:6d} D={dim} {name:>9}: {stats['median_ms']:10.2f} ms")
-    append_csv(rows)
+        fns = [lambda rank=rank: op(hidden, rank, 0) for rank in [0, *ranks]]
+        stats, outputs = measure_many(fns, device, repeats=args.repeats, max_seconds=args.max_seconds, clock=clock)
+        for name, rank, stat, out in zip(names, [0, *ranks], stats, outputs):
+            ref = python_ref.info_scores(hidden, rank, 0, method="gram")
+            err = rel_err(out, ref)
+            if not err <= PACKAGE_TOLERANCE:
+                raise AssertionError(f"info_scores {name} at Nv={nv} D={dim}: rel err {err:.1e} vs python_ref")
+            curves[name].append((nv, stat["median_ms"]))
+            flops = exact_flops(nv, dim) if rank == 0 else randomized_flops(nv, dim, rank)
+            rows.append(Row.from_stats("info_scores_scale", name.replace(" ", ""), f"Nv={nv},D={dim}", args.dtype, stat,
+                                       bytes=hidden.numel() * hidden.element_size(), flops=flops,
+                                       flop_dtype="fp64").complete(device))
+            print(f"Nv={nv:6d} D={dim} {name:>9}: {stat['median_ms']:10.2f} ms   (rel err vs python_ref {err:.1e})")
+    if not args.no_csv:
+        append_csv(rows, args.csv)
     print()
     for name, points in curves.items():
         tail = [(n, t) for n, t in points if n >= 2 * dim]
@@ -126,8 +127,9 @@ def main(argv=None) -> None:
     try:
         plot(curves, dim, args.device, path)
         print(f"wrote {path}")
-    except ImportError:  # the lent GPU machines have no matplotlib: the rows are in results.csv
-        print("matplotlib is not installed: no plot (benchmarks/plot.py can draw results.csv elsewhere)")
+    except ImportError:  # the rows are in results.csv: benchmarks/plot.py can draw them where matplotlib is
+        print("matplotlib is not installed: no plot")
+    return curves
 
 
 if __name__ == "__main__":

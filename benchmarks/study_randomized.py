@@ -1,12 +1,14 @@
 """How good is the randomized information score, and what is the cheapest configuration that is good enough?
 
-    python -m benchmarks.study_randomized [--quick] [--csv PATH]
+    python -m benchmarks.study_randomized [--quick] [--csv PATH] [--md PATH]
+    python -m benchmarks.study_randomized --shape 64 48 --ranks 8 24 --budget 16   # seconds: the script runs
+    python -m benchmarks.study_randomized --summarize [--md benchmarks/study_randomized.md]
 
 For hidden states with the structure of tests/inputs.hidden_states (a decaying singular spectrum, a few
 massive-activation channels, 10% duplicated patches), at Nv in {576, 2880, 16384} and D in {1024, 4096},
 two spectra (decay 6: singular values spanning 10^-6, the tests' default; decay 3: a flatter one), it
 compares the randomized score (python_ref's algorithm, float64) against the exact one (float64 Gram +
-eigh) at the budget T = 128 (K1 = 192):
+eigh) at the budget T = 128 (K1 = 192; --budget):
 
   overlap     |top-K1(randomized) & top-K1(exact)| / K1, ranking by the information score alone
               (select with attn_weight = 0, the harshest case: no attention rank to hide errors);
@@ -16,8 +18,8 @@ eigh) at the budget T = 128 (K1 = 192):
               attention score (tests/inputs.attention_scores);
   cost        float64 GFLOP of the randomized path, and as a ratio to the exact path's (Gram of the
               smaller side + eigh + scoring). CPU seconds of both go to the CSV too, but on a shared
-              2-core machine they are noise; the GPU timing script (benchmarks/gpu_info_scores.py)
-              measures the real thing.
+              2-core machine they are noise; benchmarks/scale_info_scores.py times the op's two paths
+              side by side (on a GPU too), benchmarks/bench_info_scores.py against the baselines.
 
 Configurations: rank k, oversampling p (sketch width l = k + p; the score sums the top k coordinates),
 power iterations q, and a tail estimate: "none", or "residual" = add sqrt(2/pi) |r_i| kappa to each
@@ -25,9 +27,9 @@ token's L1 norm, where r_i is the part of x_i outside the sketched subspace and 
 singular values) / sqrt(sum of their squares) for a geometric tail that starts at the last sketched
 singular value and holds exactly the residual energy |X|_F^2 - sum L (a Gaussian model of the tail
 coordinates). Rows go to benchmarks/out/study_randomized.csv; a summary table is printed.
+--quick: Nv = 576, D = 4096 only, one seed. --shape NV D with --ranks: that one shape, every (p, q), one seed.
 """
 
-import argparse
 import csv
 import math
 import os
@@ -37,7 +39,7 @@ import time
 import torch
 
 import python_ref
-from benchmarks.harness import OUT_DIR, device_name, git_sha, versions
+from benchmarks.harness import OUT_DIR, argument_parser, device_name, git_sha, versions
 from python_ref.info_scores import randomized_coordinates
 from tests.inputs import attention_scores, hidden_states
 
@@ -72,10 +74,12 @@ def geometric_tail_kappa(last_sv: float, energy: float, count: int) -> float:
     return (1 - rho**count) / (1 - rho) / math.sqrt((1 - rho ** (2 * count)) / (1 - rho * rho))
 
 
-def selection_stats(info: torch.Tensor, exact_order: torch.Tensor, exact_fused: torch.Tensor, attn: torch.Tensor):
-    """(overlap, ab_agree, fused overlap) of one image's scores against the exact selections."""
-    order = python_ref.select(attn, info[None].float(), BUDGET, attn_weight=0.0)[0]
-    fused = python_ref.select(attn, info[None].float(), BUDGET, attn_weight=0.5)[0]
+def selection_stats(info: torch.Tensor, exact_order: torch.Tensor, exact_fused: torch.Tensor, attn: torch.Tensor,
+                    budget: int = BUDGET):
+    """(overlap, ab_agree, fused overlap) of one image's scores info [Nv] against the exact selections (exact_order:
+    select with attn_weight 0, exact_fused: with 0.5, both [K1]); attn [1, Nv]."""
+    order = python_ref.select(attn, info[None].float(), budget, attn_weight=0.0)[0]
+    fused = python_ref.select(attn, info[None].float(), budget, attn_weight=0.5)[0]
     k1 = order.shape[0]
     n_a = k1 // 2
     side = {t: i < n_a for i, t in enumerate(order.tolist())}
@@ -99,14 +103,14 @@ def exact_flops(nv: int, d: int) -> float:
     return nv * d * m + 9 * m**3 + (2 * nv * d * m if nv > d else 2 * m * m)
 
 
-def study_one(nv: int, d: int, decay: float, seed: int, grid, writer, meta) -> list[dict]:
+def study_one(nv: int, d: int, decay: float, seed: int, grid, writer, meta, budget: int = BUDGET) -> list[dict]:
     x = hidden_states(1, nv, d, seed=seed, decay=decay).double()
     attn = attention_scores(1, nv, seed=seed)
     start = time.perf_counter()
     exact = python_ref.info_scores_gram(x)[0]
     exact_s = time.perf_counter() - start
-    exact_order = python_ref.select(attn, exact[None].float(), BUDGET, attn_weight=0.0)[0]
-    exact_fused = python_ref.select(attn, exact[None].float(), BUDGET, attn_weight=0.5)[0]
+    exact_order = python_ref.select(attn, exact[None].float(), budget, attn_weight=0.0)[0]
+    exact_fused = python_ref.select(attn, exact[None].float(), budget, attn_weight=0.5)[0]
     m = min(nv, d)
     row_energy = (x[0] ** 2).sum(-1)
     ranks, oversamplings, power_iterations, _ = grid
@@ -129,9 +133,9 @@ def study_one(nv: int, d: int, decay: float, seed: int, grid, writer, meta) -> l
                         sv = coords[0].pow(2).sum(0).sqrt()  # the k sketched singular values (ascending)
                         kappa = geometric_tail_kappa(sv[0].item(), (row_energy.sum() - captured.sum()).item(), m - k)
                         info = head + math.sqrt(2 / math.pi) * kappa * residual
-                    overlap, ab, fused = selection_stats(info, exact_order, exact_fused, attn)
-                    row = dict(nv=nv, d=d, decay=decay, seed=seed, rank=k, oversampling=p, power_iterations=q,
-                               tail=tail, overlap=overlap, ab_agree=ab, fused_overlap=fused,
+                    overlap, ab, fused = selection_stats(info, exact_order, exact_fused, attn, budget)
+                    row = dict(nv=nv, d=d, decay=decay, seed=seed, budget=budget, rank=k, oversampling=p,
+                               power_iterations=q, tail=tail, overlap=overlap, ab_agree=ab, fused_overlap=fused,
                                gflop=flops(nv, d, l, q) / 1e9, flop_ratio=flops(nv, d, l, q) / exact_flops(nv, d),
                                cpu_s=rand_s, exact_cpu_s=exact_s, **meta)
                     writer.writerow(row)
@@ -156,7 +160,9 @@ def summarize(rows: list[dict]) -> list[str]:
                             overlap=min(r["overlap"] for r in rs), ab=min(r["ab_agree"] for r in rs),
                             fused=min(r["fused_overlap"] for r in rs), gflop=cost / 1e9,
                             cost=cost / exact_flops(nv, d)))
-    print(f"\nworst-seed top-K1 overlap at T = {BUDGET} (K1 = {int(1.5 * BUDGET)}); cost = GFLOP / exact GFLOP")
+    budgets = sorted({r.get("budget", BUDGET) for r in rows})
+    at = ", ".join(f"T = {t} (K1 = {int(1.5 * t)})" for t in budgets)
+    print(f"\nworst-seed top-K1 overlap at {at}; cost = GFLOP / exact GFLOP")
     print("| Nv | D | decay | rank | p | q | tail | overlap | A/B agree | fused overlap | GFLOP | cost |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in sorted(configs, key=lambda c: (c["nv"], c["d"], -c["decay"], c["rank"], c["p"], c["q"], c["tail"])):
@@ -194,45 +200,55 @@ def summarize(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> list[dict]:
+    """Returns the rows written to --csv (or read from it with --summarize)."""
+    parser = argument_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="Nv = 576, D = 4096 only, one seed")
+    parser.add_argument("--shape", nargs=2, type=int, metavar=("NV", "D"), help="study this shape only (with --ranks)")
+    parser.add_argument("--ranks", nargs="+", type=int, help="with --shape: the ranks to study")
+    parser.add_argument("--budget", type=int, default=BUDGET, help="T, the tokens kept (K1 = 1.5 T are selected)")
     parser.add_argument("--csv", default=os.path.join(OUT_DIR, "study_randomized.csv"))
     parser.add_argument("--md", default=None, help="also write the summary tables to this markdown file")
     parser.add_argument("--summarize", action="store_true", help="only summarize the rows already in --csv")
     args = parser.parse_args(argv)
+    if bool(args.shape) != bool(args.ranks):
+        parser.error("--shape and --ranks go together")
     meta = dict(device=device_name("cpu"), sha=git_sha(), **versions())
     if args.summarize:
-        _report(_read_rows(args.csv), args.md, meta)
-        return
-    shapes = [(576, 4096)] if args.quick else list(GRID)
-    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+        rows = _read_rows(args.csv)
+        _report(rows, args.md, meta)
+        return rows
+    if args.shape:
+        grid = {tuple(args.shape): (tuple(args.ranks), (0, 16), (0, 1, 2), (0,))}
+    elif args.quick:
+        grid = {(576, 4096): GRID[576, 4096][:3] + ((0,),)}
+    else:
+        grid = GRID
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     rows = []
+    fields = ["nv", "d", "decay", "seed", "budget", "rank", "oversampling", "power_iterations", "tail", "overlap",
+              "ab_agree", "fused_overlap", "gflop", "flop_ratio", "cpu_s", "exact_cpu_s", *meta]
     with open(args.csv, "w", newline="") as f:
-        writer = None
-        for nv, d in shapes:
-            seeds = (0,) if args.quick else GRID[nv, d][3]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for (nv, d), shape_grid in grid.items():
             for decay in (6.0, 3.0):
-                for seed in seeds:
+                for seed in shape_grid[3]:
                     start = time.perf_counter()
-                    if writer is None:
-                        fields = ["nv", "d", "decay", "seed", "rank", "oversampling", "power_iterations", "tail",
-                                  "overlap", "ab_agree", "fused_overlap", "gflop", "flop_ratio", "cpu_s",
-                                  "exact_cpu_s", *meta]
-                        writer = csv.DictWriter(f, fieldnames=fields)
-                        writer.writeheader()
-                    rows += study_one(nv, d, decay, seed, GRID[nv, d], writer, meta)
+                    rows += study_one(nv, d, decay, seed, shape_grid, writer, meta, args.budget)
                     f.flush()
                     print(f"Nv={nv} D={d} decay={decay:g} seed={seed}: {time.perf_counter() - start:.0f} s",
                           file=sys.stderr)
     _report(rows, args.md, meta)
     print(f"\nwrote {args.csv}")
+    return rows
 
 
 def _read_rows(path: str) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
+        r["budget"] = int(r.get("budget") or BUDGET)   # CSVs written before --budget existed: T = 128
         for key in ("nv", "d", "seed", "rank", "oversampling", "power_iterations"):
             r[key] = int(r[key])
         for key in ("decay", "overlap", "ab_agree", "fused_overlap"):
