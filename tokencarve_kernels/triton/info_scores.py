@@ -143,7 +143,7 @@ def _row_l1_kernel(
 
 # Tile sizes. float64 tiles take twice the registers of float32 ones; 32 x 32 tiles give LLaVA's
 # 576 x 576 Gram 171 lower-triangle programs (64 x 64 would give 45 on a 132-SM GPU). Not tuned on a
-# GPU yet (benchmarks/gpu_info_scores.py measures them). The interpreter runs 64-wide blocks: its tl.dot
+# GPU yet (benchmarks/study_eigensolvers.py times the Gram kernel there). The interpreter runs 64-wide blocks: its tl.dot
 # is numpy's non-BLAS matmul loop (about 70 MFLOP/s), so its cost follows the flops, and wider
 # lower-triangle tiles waste more of them on the diagonal.
 def _gemm_blocks(m: int, n: int) -> dict:
