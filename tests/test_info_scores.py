@@ -185,6 +185,18 @@ def test_triton_sketch_is_the_reference_sketch(seed):
 
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (inputs on cuda:1, cuda:0 current)")
+@pytest.mark.parametrize("rank", [0, 8])
+def test_triton_launches_on_the_inputs_device(rank, triton_backend):
+    # Triton launches on the current device; the kernels must switch to their inputs' device.
+    hidden = hidden_states(2, 40, 70, seed=3)
+    with torch.cuda.device(0):
+        out = tk.info_scores(hidden.to("cuda:1"), rank=rank, seed=2)
+        assert torch.cuda.current_device() == 0
+    assert out.device == torch.device("cuda:1")
+    assert rel_err(out.cpu(), python_ref.info_scores(hidden, rank=rank, seed=2)) < 1e-5
+
+
 @pytest.mark.parametrize("rank, nv, dim", [(0, 20, 12), (0, 12, 20), (3, 20, 12)], ids=["XtX", "XXt", "rank3"])
 def test_triton_nonfinite_rows_score_nan_and_others_as_if_zero(rank, nv, dim, triton_backend):
     hidden = hidden_states(1, nv, dim, seed=6)

@@ -159,3 +159,17 @@ def test_triton_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch, 
     q, k = queries_keys(1, 2, 2, 5, 8)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         tk.last_query_attention(q, k, 0, 5, 0.3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (inputs on cuda:1, cuda:0 current)")
+def test_triton_launches_on_the_inputs_device(triton_backend):
+    # Triton launches on the current device; the kernels must switch to their inputs' device.
+    q, k = queries_keys(2, 8, 2, 90, 32, seed=5)
+    qp, kp, cu = _packed([30, 41], seed=5)
+    with torch.cuda.device(0):
+        out = tk.last_query_attention(q.to("cuda:1"), k.to("cuda:1"), 10, 60, 0.2)
+        packed = tk.last_query_attention_varlen(qp.to("cuda:1"), kp.to("cuda:1"), cu.to("cuda:1"), 0.2)
+        assert torch.cuda.current_device() == 0
+    assert out.device == packed.device == torch.device("cuda:1")
+    assert rel_err(out.cpu(), python_ref.last_query_attention(q, k, 10, 60, 0.2)) < 1e-5
+    assert rel_err(packed.cpu(), python_ref.last_query_attention_varlen(qp, kp, cu, 0.2)) < 1e-5

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from python_ref.info_scores import OVERSAMPLING, POWER_ITERATIONS
 
-from ._common import INTERPRET, check_device
+from ._common import INTERPRET, check_device, device_guard
 
 # Which axis of an operand runs over tokens (and so is zeroed where a token is not finite).
 _NO_MASK, _MASK_A_ROWS, _MASK_A_COLS = 0, 1, 2
@@ -255,8 +255,9 @@ def info_scores(hidden: torch.Tensor, rank: int = 0, seed: int = 0) -> torch.Ten
     """
     check_device(hidden)
     check_sketch_size(hidden, rank)
-    batch, num_visual, dim = hidden.shape
-    if batch * num_visual == 0 or dim == 0:
-        return torch.zeros(batch, num_visual, device=hidden.device, dtype=torch.float32)
-    finite = finite_rows(hidden)
-    return randomized_scores(hidden, finite, rank, seed) if rank > 0 else exact_scores(hidden, finite)
+    with device_guard(hidden):
+        batch, num_visual, dim = hidden.shape
+        if batch * num_visual == 0 or dim == 0:
+            return torch.zeros(batch, num_visual, device=hidden.device, dtype=torch.float32)
+        finite = finite_rows(hidden)
+        return randomized_scores(hidden, finite, rank, seed) if rank > 0 else exact_scores(hidden, finite)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, next_pow2
+from ._common import INTERPRET, check_device, device_guard, next_pow2
 
 # Keys per program in pass 1 (a loop of KEYS_BLOCK-key steps inside): few enough programs that pass 2
 # combines few chunks, enough that a long prompt still fills the GPU.
@@ -171,15 +171,16 @@ def last_query_attention(q: torch.Tensor, k: torch.Tensor, vis_start: int, vis_l
     -> a [B, vis_len] float32, a_i = mean_h softmax_j(scale * q_h . k_j)[vis_start + i] over all N keys.
     Arguments are checked by the caller (backend._checked)."""
     check_device(q)
-    batch, _, _ = q.shape
-    num_keys = k.shape[2]
-    out = torch.empty(batch, vis_len, device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out
-    # k strides in (sequence, key, head, dim) order.
-    strides_k = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
-    return _launch(q, k, None, out, num_keys, num_keys, vis_start, vis_len, scale, strides_k, out.stride(0),
-                   triton.cdiv(vis_len, OUT_BLOCK))
+    with device_guard(q):
+        batch, _, _ = q.shape
+        num_keys = k.shape[2]
+        out = torch.empty(batch, vis_len, device=q.device, dtype=torch.float32)
+        if out.numel() == 0:
+            return out
+        # k strides in (sequence, key, head, dim) order.
+        strides_k = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
+        return _launch(q, k, None, out, num_keys, num_keys, vis_start, vis_len, scale, strides_k, out.stride(0),
+                       triton.cdiv(vis_len, OUT_BLOCK))
 
 
 def last_query_attention_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -189,13 +190,15 @@ def last_query_attention_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens: to
     sequence get 0. cu_seqlens is read on the device: its values are the caller's promise (non-decreasing
     from 0 to at most total), not checked here, which would need a host sync."""
     check_device(q)
-    total = k.shape[0]
-    out = torch.zeros(total, device=q.device, dtype=torch.float32)
-    if total == 0 or q.shape[0] == 0:
-        return out
-    # Grids cover the longest possible sequence (all keys); programs past their sequence's end exit.
-    strides_k = (0, k.stride(0), k.stride(1), k.stride(2))
-    return _launch(q, k, cu_seqlens, out, total, total, 0, total, scale, strides_k, 0, triton.cdiv(total, OUT_BLOCK))
+    with device_guard(q):
+        total = k.shape[0]
+        out = torch.zeros(total, device=q.device, dtype=torch.float32)
+        if total == 0 or q.shape[0] == 0:
+            return out
+        # Grids cover the longest possible sequence (all keys); programs past their sequence's end exit.
+        strides_k = (0, k.stride(0), k.stride(1), k.stride(2))
+        return _launch(q, k, cu_seqlens, out, total, total, 0, total, scale, strides_k, 0,
+                       triton.cdiv(total, OUT_BLOCK))
 
 
 __all__ = ["last_query_attention", "last_query_attention_varlen"]
