@@ -10,10 +10,11 @@ Exact (rank = 0), per image X [Nv, D]:
   Nv >  D: G = X^T X (D x D), G = V L V^T, then `_row_l1_kernel`: c_i = sum_j |(X V)_ij| without storing
            X V. The cost grows linearly in Nv.
 Randomized (rank = k > 0): Y = X Omega with Omega [D, l] Gaussian regenerated inside `_matmul_kernel` from
-(seed, row * l + col) by Philox (tl.randn), so it is never stored; POWER_ITERATIONS rounds of
-Y <- X (X^T Y) as GEMMs with a QR (torch.linalg.qr) between them; Qy = qr(Y); B = Qy^T X; the l x l
-eigenproblem of B B^T; then `_row_l1_kernel`: c_i = sum_j |(Qy W_k sqrt(L_k))_ij|. The same seed gives the
-same sketch on every device and process (tensor-parallel ranks pick the same tokens).
+(seed, row * l + col) by `_gaussian` (Philox4x32-10, Box-Muller in float64), so it is never stored;
+POWER_ITERATIONS rounds of Y <- X (X^T Y) as GEMMs with a QR (torch.linalg.qr) between them; Qy = qr(Y);
+B = Qy^T X; the l x l eigenproblem of B B^T; then `_row_l1_kernel`: c_i = sum_j |(Qy W_k sqrt(L_k))_ij|. The
+sketch is python_ref.gaussian_sketch's, bit for bit, on every device and process (tensor-parallel ranks pick
+the same tokens; see `_gaussian` for the one exception).
 
 A token whose hidden state holds NaN/Inf: its row is read as zero by every GEMM (the `finite` mask from
 `_finite_rows_kernel`) and its score is NaN, as in python_ref. The kernels never sync; torch.linalg.eigh
@@ -33,7 +34,27 @@ from ._common import INTERPRET, check_device, device_guard
 # Which axis of an operand runs over tokens (and so is zeroed where a token is not finite).
 _NO_MASK, _MASK_A_ROWS, _MASK_A_COLS = 0, 1, 2
 _MASK_B_ROWS, _MASK_B_COLS = 1, 2
-SKETCH_LIMIT = 1 << 31  # tl.randn offsets are int32
+SKETCH_LIMIT = 1 << 31  # the Philox offsets are int32
+
+
+@triton.jit
+def _gaussian(seed, offsets):
+    """Omega entries at `offsets` (int32): N(0, 1) float32, python_ref.gaussian_sketch's formula.
+
+    Philox4x32-10 words (integers: exact on every device) -> uniforms exact in float64, u1 = (w0 + 1) 2^-32 in
+    (0, 1] (no log(0)) and u2 = w1 2^-32 in [0, 1) -> Box-Muller sqrt(-2 ln u1) cos(2 pi u2) in float64 -> one
+    rounding to float32. A float64 sqrt is correctly rounded on every device (PTX has no approximate one). tl.log
+    and tl.cos on float64 are libdevice's __nv_log / __nv_cos on NVIDIA (numpy's on the interpreter, glibc's in
+    csrc/philox.h): not correctly rounded, they may differ in the last float64 bit or two, which the float32
+    rounding absorbs unless the float64 value lies within ~1e-16 relative of a float32 rounding boundary (a few
+    entries in 10^9): the best a sketch built on transcendental functions can do. A float32 Box-Muller (tl.randn:
+    approximate log/cos on NVIDIA) would differ from the reference in many entries.
+    """
+    w0, w1, _, _ = tl.randint4x(seed, offsets)
+    u1 = (w0.to(tl.float64) + 1.0) * 2.3283064365386963e-10
+    u2 = w1.to(tl.float64) * 2.3283064365386963e-10
+    two_pi = tl.full([], 6.283185307179586, tl.float64)  # a literal may be typed float32 (older Triton)
+    return (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(two_pi * u2)).to(tl.float32)
 
 
 @triton.jit
@@ -62,7 +83,7 @@ def _matmul_kernel(
 ):
     """C [B, M, N] float64 = A [B, M, K] @ B [B, K, N], accumulated in float64.
 
-    SKETCH: B is the Gaussian sketch Omega[k, n] = tl.randn(seed, k * N + n), generated here, not read.
+    SKETCH: B is the Gaussian sketch Omega[k, n] = _gaussian(seed, k * N + n), generated here, not read.
     LOWER: only tiles on or below the diagonal are written (BLOCK_M == BLOCK_N; eigh reads the lower half).
     MASK_A / MASK_B: the operand axis that runs over tokens; non-finite tokens (finite_ptr) read as zero.
     """
@@ -92,7 +113,7 @@ def _matmul_kernel(
                 a = tl.where(tl.load(f_base + rk, mask=rk < K, other=0)[None, :] != 0, a, 0.0)
             b_in = (rk[:, None] < K) & (rn[None, :] < N)
             if SKETCH:
-                b = tl.where(b_in, tl.randn(seed, rk[:, None] * N + rn[None, :]), 0.0).to(tl.float64)
+                b = tl.where(b_in, _gaussian(seed, rk[:, None] * N + rn[None, :]), 0.0).to(tl.float64)
             else:
                 b = tl.load(b_base + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_in,
                             other=0.0).to(tl.float64)
@@ -155,7 +176,7 @@ def _gemm_blocks(m: int, n: int) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Sketch:
-    """Omega [rows, cols], Omega[i, j] = tl.randn(seed, i * cols + j) (= python_ref.gaussian_sketch)."""
+    """Omega [rows, cols], Omega[i, j] = _gaussian(seed, i * cols + j) (= python_ref.gaussian_sketch)."""
 
     seed: int
     rows: int
