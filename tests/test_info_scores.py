@@ -220,6 +220,29 @@ def test_triton_sketch_is_the_reference_sketch(seed):
 
 
 
+# min(Nv, D) <= 32 and rank <= 32: the sizes where cuSOLVER's batched eigh (syevj) would take over from B = 2.
+@pytest.mark.parametrize("rank, nv, dim", [(0, 20, 48), (0, 40, 24), (8, 40, 24), (32, 30, 50)],
+                         ids=["XXt", "XtX", "rank8", "rank32"])
+def test_triton_scores_do_not_depend_on_the_batch(rank, nv, dim, triton_backend, monkeypatch):
+    # SPEC.md: an image's scores must not depend on the rest of the batch. torch.linalg.eigh / qr on CUDA switch
+    # algorithm with the batch size, so the kernels call them on one image at a time; the spies check that on
+    # every device (the CPU's LAPACK loops over images anyway), the equality checks the scores, on a GPU for real.
+    hidden = hidden_states(3, nv, dim, seed=nv + rank)
+    shapes = []
+    for name in ("eigh", "qr"):
+        original = getattr(torch.linalg, name)
+
+        def spy(a, *args, _original=original, **kwargs):
+            shapes.append(tuple(a.shape))
+            return _original(a, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, spy)
+    batched = _triton_scores(hidden, rank, 4)
+    singles = torch.cat([_triton_scores(hidden[i : i + 1], rank, 4) for i in range(3)])
+    assert torch.equal(batched, singles)
+    assert shapes and all(len(shape) == 2 for shape in shapes), shapes
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (inputs on cuda:1, cuda:0 current)")
 @pytest.mark.parametrize("rank", [0, 8])
 def test_triton_launches_on_the_inputs_device(rank, triton_backend):

@@ -16,9 +16,14 @@ B = Qy^T X; the l x l eigenproblem of B B^T; then `_row_l1_kernel`: c_i = sum_j 
 sketch is python_ref.gaussian_sketch's, bit for bit, on every device and process (tensor-parallel ranks pick
 the same tokens; see `_gaussian` for the one exception).
 
+Batch invariance: the GEMM and row-L1 kernels compute each image's tiles on their own, but torch.linalg.eigh
+on CUDA chooses its algorithm by batch size (cuSOLVER's batched Jacobi syevj for n <= 32 when B > 1) and qr's
+backends may too, so both run once per image (`_eigh`, `_orthonormal`): an image's scores do not depend on the
+rest of the batch (SPEC.md). That is B calls, a loop over a shape, not over data.
+
 A token whose hidden state holds NaN/Inf: its row is read as zero by every GEMM (the `finite` mask from
 `_finite_rows_kernel`) and its score is NaN, as in python_ref. The kernels never sync; torch.linalg.eigh
-checks its error code on the host, once per call on CUDA (so the score ops cannot be captured in a CUDA graph).
+checks its error code on the host, once per image on CUDA (so the score ops cannot be captured in a CUDA graph).
 """
 
 import dataclasses
@@ -226,7 +231,15 @@ def row_l1(a: torch.Tensor, w: torch.Tensor, finite: torch.Tensor) -> torch.Tens
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y).Q
+    """y [B, M, l] -> an orthonormal basis of each image's columns [B, M, l], one QR per image (batch invariance)."""
+    return torch.stack([torch.linalg.qr(image).Q for image in y.unbind(0)])
+
+
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gram [B, n, n] (lower triangle) -> (eigenvalues [B, n] ascending, eigenvectors [B, n, n]), one eigh per
+    image (batch invariance: module docstring)."""
+    pairs = [torch.linalg.eigh(image, UPLO="L") for image in gram.unbind(0)]
+    return torch.stack([p.eigenvalues for p in pairs]), torch.stack([p.eigenvectors for p in pairs])
 
 
 def exact_scores(x: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
@@ -235,10 +248,10 @@ def exact_scores(x: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     xt = x.transpose(1, 2)
     if num_visual <= dim:
         gram = matmul(x, xt, finite, mask_a=_MASK_A_ROWS, mask_b=_MASK_B_COLS, lower=True)
-        evals, evecs = torch.linalg.eigh(gram, UPLO="L")
+        evals, evecs = _eigh(gram)
         return row_l1(evecs, evals.clamp_min(0.0).sqrt(), finite)
     gram = matmul(xt, x, finite, mask_a=_MASK_A_COLS, mask_b=_MASK_B_ROWS, lower=True)
-    _, evecs = torch.linalg.eigh(gram, UPLO="L")
+    _, evecs = _eigh(gram)
     return row_l1(x, evecs, finite)
 
 
@@ -255,7 +268,7 @@ def randomized_scores(x: torch.Tensor, finite: torch.Tensor, rank: int, seed: in
         y = matmul(x, z, finite, mask_a=_MASK_A_ROWS)
     basis = _orthonormal(y)                                                       # [B, Nv, l]
     small = matmul(basis.transpose(1, 2), x, finite, mask_b=_MASK_B_ROWS)         # [B, l, D]
-    evals, evecs = torch.linalg.eigh(matmul(small, small.transpose(1, 2), finite, lower=True), UPLO="L")
+    evals, evecs = _eigh(matmul(small, small.transpose(1, 2), finite, lower=True))
     weights = evecs[:, :, cols - k:] * evals[:, None, cols - k:].clamp_min(0.0).sqrt()   # [B, l, k]
     return row_l1(basis, weights, finite)
 
