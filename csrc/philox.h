@@ -1,5 +1,9 @@
-// Gaussian sketch entries regenerated from (seed, offset): Philox4x32-10 and a float32 Box-Muller
-// transform, the same stream as Triton's `tl.randn(seed, offset)` and python_ref.gaussian_sketch.
+// Gaussian sketch entries regenerated from (seed, offset): Philox4x32-10 and a Box-Muller transform in double,
+// python_ref.gaussian_sketch's formula (and the Triton kernel's `_gaussian`). The Philox words are integers, the
+// uniforms exact in double; only log/cos (glibc here, libdevice in CUDA code) are not correctly rounded, so an
+// entry can differ from another library's only if its double value lies within ~1e-16 relative of a float32
+// rounding boundary (a few entries in 10^9). Built with -ffp-contract=off / --fmad=false (setup.py), though no
+// product here feeds an addition that could be contracted.
 #pragma once
 
 #include <cmath>
@@ -28,16 +32,10 @@ TOKENCARVE_HOST_DEVICE inline float philox_normal(uint64_t seed, uint32_t offset
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  // uint -> uniform float in [0, 1), as Triton's uint_to_uniform_float.
-  auto uniform = [](uint32_t bits) {
-    int32_t x = static_cast<int32_t>(bits);
-    if (x < 0) x = ~x;
-    return static_cast<float>(x) * 4.6566127342e-10f;
-  };
-  const float u1 = std::fmax(1.0e-7f, uniform(c0));
-  const float theta = 6.283185307179586f * uniform(c1);
-  const float radius = std::sqrt(-2.0f * std::log(u1));
-  return radius * std::cos(theta);
+  const double u1 = (static_cast<double>(c0) + 1.0) * 0x1p-32;  // (0, 1]: no log(0)
+  const double u2 = static_cast<double>(c1) * 0x1p-32;          // [0, 1)
+  const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  return static_cast<float>(z);
 }
 
 }  // namespace tokencarve

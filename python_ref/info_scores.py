@@ -89,28 +89,26 @@ def _philox4x32(counter: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]
     return c0.astype(np.uint32), c1.astype(np.uint32)
 
 
-def _uint_to_uniform(bits: np.ndarray) -> np.ndarray:
-    """Triton's `uint_to_uniform_float` for 32-bit words: a float32 in [0, 1)."""
-    x = bits.view(np.int32)
-    x = np.where(x < 0, ~x, x)
-    return x.astype(np.float32) * np.float32(4.6566127342e-10)
-
-
 def gaussian_sketch(seed: int, rows: int, cols: int) -> torch.Tensor:
-    """Omega [rows, cols] float32, Omega[i, j] = Triton's `tl.randn(seed, i * cols + j)`.
+    """Omega [rows, cols] float32, standard normal, Omega[i, j] a function of (seed, offset = i * cols + j) only,
+    so a kernel regenerates any entry without storing Omega (the Triton kernel's `_gaussian`, csrc/philox.h).
 
-    Philox4x32-10 counters and a Box-Muller transform in float32, so a kernel can regenerate any
-    entry from (seed, offset) without storing Omega.
+    w0, w1 = the first two words of Philox4x32-10 (counter = offset, key = seed; integers, exact everywhere);
+    u1 = (w0 + 1) 2^-32 in (0, 1] and u2 = w1 2^-32 in [0, 1), both exact in float64;
+    z = sqrt(-2 ln u1) cos(2 pi u2) in float64 (Box-Muller), rounded once to float32.
+    Bit-identical across implementations except where libraries' float64 log/cos (not correctly rounded: numpy
+    here, libdevice on NVIDIA, glibc in C++) differ in the last bits AND the float64 value lies within ~1e-16
+    relative of a float32 rounding boundary, a few entries in 10^9: the best a sketch built on transcendental
+    functions can do. (A float32 Box-Muller, as Triton's tl.randn, differs between devices in many entries.)
     """
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     offsets = np.arange(rows * cols, dtype=np.int64)
     w0, w1 = _philox4x32(offsets, seed)
-    u1 = np.maximum(np.float32(1.0e-7), _uint_to_uniform(w0))
-    u2 = _uint_to_uniform(w1)
-    theta = np.float32(6.283185307179586) * u2
-    radius = np.sqrt(np.float32(-2.0) * np.log(u1))
-    return torch.from_numpy((radius * np.cos(theta)).astype(np.float32).reshape(rows, cols))
+    u1 = (w0.astype(np.float64) + 1.0) * 2.0**-32
+    u2 = w1.astype(np.float64) * 2.0**-32
+    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return torch.from_numpy(z.astype(np.float32).reshape(rows, cols))
 
 
 def randomized_coordinates(

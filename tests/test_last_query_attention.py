@@ -159,3 +159,82 @@ def test_triton_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch, 
     q, k = queries_keys(1, 2, 2, 5, 8)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         tk.last_query_attention(q, k, 0, 5, 0.3)
+
+
+def test_triton_float64_scale_reaches_the_softmax_exactly(triton_backend):
+    # The softmax runs in float64; a scale typed float32 on its way into the kernel (a compiled kernel types a
+    # Python float argument so) moved the fp64 result by ~1e-7 relative. Only the float32 output rounding remains.
+    # The interpreter keeps Python floats as float64: there this checks the float64 route, a GPU the rounding.
+    scale = 3.0 * 24**-0.5  # not a float32 value; logits of several units make its rounding visible
+    q, k = queries_keys(2, 4, 2, 70, 24, seed=8, dtype=torch.float64)
+    out = tk.last_query_attention(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), 3, 60, scale).cpu()
+    assert rel_err(out, python_ref.last_query_attention(q, k, 3, 60, scale)) < 1e-12
+    qp, kp, cu = _packed([30, 41], seed=8, dtype=torch.float64)
+    out = tk.last_query_attention_varlen(qp.to(TRITON_DEVICE), kp.to(TRITON_DEVICE), cu.to(TRITON_DEVICE), scale)
+    assert rel_err(out.cpu(), python_ref.last_query_attention_varlen(qp, kp, cu, scale)) < 1e-12
+
+
+def test_triton_varlen_reads_a_strided_cu_seqlens(triton_backend):
+    # The kernels index cu_seqlens as a dense vector: a strided view (every other entry of a wider tensor,
+    # zeros in between) must be made contiguous first.
+    q, k, cu = _packed([7, 33, 2], seed=4)
+    wide = torch.stack([cu, torch.zeros_like(cu)], dim=1).to(TRITON_DEVICE)
+    out = tk.last_query_attention_varlen(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), wide[:, 0], 0.3).cpu()
+    assert rel_err(out, python_ref.last_query_attention_varlen(q, k, cu, 0.3)) < 1e-5
+
+
+def test_triton_varlen_clamps_cu_seqlens_to_the_keys(triton_backend):
+    # Unchecked on the device (a check would sync): values outside [0, total] are clamped, so they read and
+    # write inside k and the output: [-3, 4, 25] over 10 keys acts as [0, 4, 10].
+    q, k, _ = _packed([4, 6], seed=6)
+    bad = torch.tensor([-3, 4, 25], device=TRITON_DEVICE)
+    out = tk.last_query_attention_varlen(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), bad, 0.3).cpu()
+    ref = python_ref.last_query_attention_varlen(q, k, torch.tensor([0, 4, 10]), 0.3)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_triton_head_dim_256(dtype, triton_backend):
+    # fp32/fp64 inputs take the fp64 dot, which switches to 32-key single-stage tiles from head_dim 256 (shared
+    # memory on a GPU); the interpreter checks the results of that tiling, a GPU that it compiles and fits.
+    q, k = queries_keys(2, 4, 2, 45, 256, seed=2, dtype=dtype)
+    out = tk.last_query_attention(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), 5, 40, 256**-0.5).cpu()
+    _within_budget(out, q, k, 5, 40, 256**-0.5)
+
+
+@pytest.mark.parametrize("axis", ["heads", "keys"])
+def test_triton_key_offsets_past_2_31_elements(axis, triton_backend):
+    # One sample's K spans more than 2^31 elements while each stride fits in int32, so head * stride_kh (or
+    # key * stride_kn) passes 2^31 and must be computed in int64. The view starts 2^31 elements into its storage:
+    # a wrapped int32 offset would land inside the storage and read the wrong keys rather than crash. The 8 GiB
+    # storage is never written but for the view's few keys (on the CPU its untouched pages are never mapped).
+    stride = 2**30 + 64
+    if axis == "heads":
+        shape, strides = (1, 3, 4, 16), (3 * stride, stride, 16, 1)
+    else:
+        shape, strides = (1, 1, 3, 16), (3 * stride, 3 * stride, stride, 1)
+    offset = 2**31
+    try:
+        storage = torch.empty(offset + 2 * stride + 64, dtype=torch.float16, device=TRITON_DEVICE)
+    except (RuntimeError, MemoryError) as exc:
+        pytest.skip(f"cannot reserve the 8 GiB of address space this test views: {exc}")
+    q, k = queries_keys(1, 2 * shape[1], shape[1], shape[2], 16, seed=9, dtype=torch.float16)
+    big_k = storage.as_strided(shape, strides, offset)
+    big_k.copy_(k)
+    out = tk.last_query_attention(q.to(TRITON_DEVICE), big_k, 0, shape[2], 0.25).cpu()
+    del big_k, storage
+    _within_budget(out, q, k, 0, shape[2], 0.25)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (inputs on cuda:1, cuda:0 current)")
+def test_triton_launches_on_the_inputs_device(triton_backend):
+    # Triton launches on the current device; the kernels must switch to their inputs' device.
+    q, k = queries_keys(2, 8, 2, 90, 32, seed=5)
+    qp, kp, cu = _packed([30, 41], seed=5)
+    with torch.cuda.device(0):
+        out = tk.last_query_attention(q.to("cuda:1"), k.to("cuda:1"), 10, 60, 0.2)
+        packed = tk.last_query_attention_varlen(qp.to("cuda:1"), kp.to("cuda:1"), cu.to("cuda:1"), 0.2)
+        assert torch.cuda.current_device() == 0
+    assert out.device == packed.device == torch.device("cuda:1")
+    assert rel_err(out.cpu(), python_ref.last_query_attention(q, k, 10, 60, 0.2)) < 1e-5
+    assert rel_err(packed.cpu(), python_ref.last_query_attention_varlen(qp, kp, cu, 0.2)) < 1e-5

@@ -1,5 +1,6 @@
-"""What the Triton kernels share: whether the interpreter runs them, and the device check."""
+"""What the Triton kernels share: whether the interpreter runs them, the device check and the device guard."""
 
+import contextlib
 import os
 
 import torch
@@ -17,3 +18,10 @@ def check_device(t: torch.Tensor) -> None:
         raise RuntimeError(
             f"tokencarve: the Triton kernels need CUDA tensors (got {t.device}); on the CPU they run only under the "
             "Triton interpreter (TRITON_INTERPRET=1 set before importing tokencarve_kernels)")
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes t's CUDA device current for the block: Triton launches on the current device and its current stream,
+    not on the device of the tensors it is given (inputs on cuda:1 while cuda:0 is current would run on the wrong
+    device). A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -10,14 +10,20 @@ Exact (rank = 0), per image X [Nv, D]:
   Nv >  D: G = X^T X (D x D), G = V L V^T, then `_row_l1_kernel`: c_i = sum_j |(X V)_ij| without storing
            X V. The cost grows linearly in Nv.
 Randomized (rank = k > 0): Y = X Omega with Omega [D, l] Gaussian regenerated inside `_matmul_kernel` from
-(seed, row * l + col) by Philox (tl.randn), so it is never stored; POWER_ITERATIONS rounds of
-Y <- X (X^T Y) as GEMMs with a QR (torch.linalg.qr) between them; Qy = qr(Y); B = Qy^T X; the l x l
-eigenproblem of B B^T; then `_row_l1_kernel`: c_i = sum_j |(Qy W_k sqrt(L_k))_ij|. The same seed gives the
-same sketch on every device and process (tensor-parallel ranks pick the same tokens).
+(seed, row * l + col) by `_gaussian` (Philox4x32-10, Box-Muller in float64), so it is never stored;
+POWER_ITERATIONS rounds of Y <- X (X^T Y) as GEMMs with a QR (torch.linalg.qr) between them; Qy = qr(Y);
+B = Qy^T X; the l x l eigenproblem of B B^T; then `_row_l1_kernel`: c_i = sum_j |(Qy W_k sqrt(L_k))_ij|. The
+sketch is python_ref.gaussian_sketch's, bit for bit, on every device and process (tensor-parallel ranks pick
+the same tokens; see `_gaussian` for the one exception).
+
+Batch invariance: the GEMM and row-L1 kernels compute each image's tiles on their own, but torch.linalg.eigh
+on CUDA chooses its algorithm by batch size (cuSOLVER's batched Jacobi syevj for n <= 32 when B > 1) and qr's
+backends may too, so both run once per image (`_eigh`, `_orthonormal`): an image's scores do not depend on the
+rest of the batch (SPEC.md). That is B calls, a loop over a shape, not over data.
 
 A token whose hidden state holds NaN/Inf: its row is read as zero by every GEMM (the `finite` mask from
 `_finite_rows_kernel`) and its score is NaN, as in python_ref. The kernels never sync; torch.linalg.eigh
-checks its error code on the host, once per call on CUDA (so the score ops cannot be captured in a CUDA graph).
+checks its error code on the host, once per image on CUDA (so the score ops cannot be captured in a CUDA graph).
 """
 
 import dataclasses
@@ -28,12 +34,32 @@ import triton.language as tl
 
 from python_ref.info_scores import OVERSAMPLING, POWER_ITERATIONS
 
-from ._common import INTERPRET, check_device
+from ._common import INTERPRET, check_device, device_guard
 
 # Which axis of an operand runs over tokens (and so is zeroed where a token is not finite).
 _NO_MASK, _MASK_A_ROWS, _MASK_A_COLS = 0, 1, 2
 _MASK_B_ROWS, _MASK_B_COLS = 1, 2
-SKETCH_LIMIT = 1 << 31  # tl.randn offsets are int32
+SKETCH_LIMIT = 1 << 31  # the Philox offsets are int32
+
+
+@triton.jit
+def _gaussian(seed, offsets):
+    """Omega entries at `offsets` (int32): N(0, 1) float32, python_ref.gaussian_sketch's formula.
+
+    Philox4x32-10 words (integers: exact on every device) -> uniforms exact in float64, u1 = (w0 + 1) 2^-32 in
+    (0, 1] (no log(0)) and u2 = w1 2^-32 in [0, 1) -> Box-Muller sqrt(-2 ln u1) cos(2 pi u2) in float64 -> one
+    rounding to float32. A float64 sqrt is correctly rounded on every device (PTX has no approximate one). tl.log
+    and tl.cos on float64 are libdevice's __nv_log / __nv_cos on NVIDIA (numpy's on the interpreter, glibc's in
+    csrc/philox.h): not correctly rounded, they may differ in the last float64 bit or two, which the float32
+    rounding absorbs unless the float64 value lies within ~1e-16 relative of a float32 rounding boundary (a few
+    entries in 10^9): the best a sketch built on transcendental functions can do. A float32 Box-Muller (tl.randn:
+    approximate log/cos on NVIDIA) would differ from the reference in many entries.
+    """
+    w0, w1, _, _ = tl.randint4x(seed, offsets)
+    u1 = (w0.to(tl.float64) + 1.0) * 2.3283064365386963e-10
+    u2 = w1.to(tl.float64) * 2.3283064365386963e-10
+    two_pi = tl.full([], 6.283185307179586, tl.float64)  # a literal may be typed float32 (older Triton)
+    return (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(two_pi * u2)).to(tl.float32)
 
 
 @triton.jit
@@ -62,7 +88,7 @@ def _matmul_kernel(
 ):
     """C [B, M, N] float64 = A [B, M, K] @ B [B, K, N], accumulated in float64.
 
-    SKETCH: B is the Gaussian sketch Omega[k, n] = tl.randn(seed, k * N + n), generated here, not read.
+    SKETCH: B is the Gaussian sketch Omega[k, n] = _gaussian(seed, k * N + n), generated here, not read.
     LOWER: only tiles on or below the diagonal are written (BLOCK_M == BLOCK_N; eigh reads the lower half).
     MASK_A / MASK_B: the operand axis that runs over tokens; non-finite tokens (finite_ptr) read as zero.
     """
@@ -92,7 +118,7 @@ def _matmul_kernel(
                 a = tl.where(tl.load(f_base + rk, mask=rk < K, other=0)[None, :] != 0, a, 0.0)
             b_in = (rk[:, None] < K) & (rn[None, :] < N)
             if SKETCH:
-                b = tl.where(b_in, tl.randn(seed, rk[:, None] * N + rn[None, :]), 0.0).to(tl.float64)
+                b = tl.where(b_in, _gaussian(seed, rk[:, None] * N + rn[None, :]), 0.0).to(tl.float64)
             else:
                 b = tl.load(b_base + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_in,
                             other=0.0).to(tl.float64)
@@ -155,7 +181,7 @@ def _gemm_blocks(m: int, n: int) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Sketch:
-    """Omega [rows, cols], Omega[i, j] = tl.randn(seed, i * cols + j) (= python_ref.gaussian_sketch)."""
+    """Omega [rows, cols], Omega[i, j] = _gaussian(seed, i * cols + j) (= python_ref.gaussian_sketch)."""
 
     seed: int
     rows: int
@@ -205,7 +231,15 @@ def row_l1(a: torch.Tensor, w: torch.Tensor, finite: torch.Tensor) -> torch.Tens
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y).Q
+    """y [B, M, l] -> an orthonormal basis of each image's columns [B, M, l], one QR per image (batch invariance)."""
+    return torch.stack([torch.linalg.qr(image).Q for image in y.unbind(0)])
+
+
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gram [B, n, n] (lower triangle) -> (eigenvalues [B, n] ascending, eigenvectors [B, n, n]), one eigh per
+    image (batch invariance: module docstring)."""
+    pairs = [torch.linalg.eigh(image, UPLO="L") for image in gram.unbind(0)]
+    return torch.stack([p.eigenvalues for p in pairs]), torch.stack([p.eigenvectors for p in pairs])
 
 
 def exact_scores(x: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
@@ -214,10 +248,10 @@ def exact_scores(x: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     xt = x.transpose(1, 2)
     if num_visual <= dim:
         gram = matmul(x, xt, finite, mask_a=_MASK_A_ROWS, mask_b=_MASK_B_COLS, lower=True)
-        evals, evecs = torch.linalg.eigh(gram, UPLO="L")
+        evals, evecs = _eigh(gram)
         return row_l1(evecs, evals.clamp_min(0.0).sqrt(), finite)
     gram = matmul(xt, x, finite, mask_a=_MASK_A_COLS, mask_b=_MASK_B_ROWS, lower=True)
-    _, evecs = torch.linalg.eigh(gram, UPLO="L")
+    _, evecs = _eigh(gram)
     return row_l1(x, evecs, finite)
 
 
@@ -234,7 +268,7 @@ def randomized_scores(x: torch.Tensor, finite: torch.Tensor, rank: int, seed: in
         y = matmul(x, z, finite, mask_a=_MASK_A_ROWS)
     basis = _orthonormal(y)                                                       # [B, Nv, l]
     small = matmul(basis.transpose(1, 2), x, finite, mask_b=_MASK_B_ROWS)         # [B, l, D]
-    evals, evecs = torch.linalg.eigh(matmul(small, small.transpose(1, 2), finite, lower=True), UPLO="L")
+    evals, evecs = _eigh(matmul(small, small.transpose(1, 2), finite, lower=True))
     weights = evecs[:, :, cols - k:] * evals[:, None, cols - k:].clamp_min(0.0).sqrt()   # [B, l, k]
     return row_l1(basis, weights, finite)
 
@@ -255,8 +289,9 @@ def info_scores(hidden: torch.Tensor, rank: int = 0, seed: int = 0) -> torch.Ten
     """
     check_device(hidden)
     check_sketch_size(hidden, rank)
-    batch, num_visual, dim = hidden.shape
-    if batch * num_visual == 0 or dim == 0:
-        return torch.zeros(batch, num_visual, device=hidden.device, dtype=torch.float32)
-    finite = finite_rows(hidden)
-    return randomized_scores(hidden, finite, rank, seed) if rank > 0 else exact_scores(hidden, finite)
+    with device_guard(hidden):
+        batch, num_visual, dim = hidden.shape
+        if batch * num_visual == 0 or dim == 0:
+            return torch.zeros(batch, num_visual, device=hidden.device, dtype=torch.float32)
+        finite = finite_rows(hidden)
+        return randomized_scores(hidden, finite, rank, seed) if rank > 0 else exact_scores(hidden, finite)
