@@ -47,7 +47,6 @@ Metrics per (method, budget), each sample against the uncarved model on the same
     python -m benchmarks.eval_fidelity --quick    # a tiny model and one sample, seconds (the tests run it)
 """
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -59,7 +58,7 @@ import torch
 
 import tokencarve_kernels as tk
 from benchmarks import eval_methods
-from benchmarks.harness import OUT_DIR, device_name, git_sha, versions
+from benchmarks.harness import OUT_DIR, argument_parser, device_name, git_sha, versions
 from tokencarve_kernels.demo import LLAVA_IMAGE_TOKEN, NUM_VISUAL, llava_15_config, llava_prompt
 from tokencarve_kernels.integrations.hf import apply_tokencarve
 
@@ -352,7 +351,7 @@ def write_csv(path: str, rows: list[dict], extra: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny model and one sample (seconds)")
     parser.add_argument("--csv", default=os.path.join(OUT_DIR, "eval_fidelity.csv"),
                         help="summary CSV (per-sample rows go beside it, *_samples.csv)")
