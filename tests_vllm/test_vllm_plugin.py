@@ -60,6 +60,13 @@ def _generate(llm: LLM, requests) -> list[tuple[list[int], list[int]]]:
     return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in llm.generate(requests, GREEDY)]
 
 
+def _generate_one_by_one(llm: LLM) -> list[tuple[list[int], list[int]]]:
+    """`_generate` of PROMPTS one request at a time. vLLM schedules whatever requests have reached its
+    engine, so a batch sent at once is split into steps by timing, and its CPU vision encoder is not
+    batch invariant: comparisons bit for bit across engines or runs need the same steps."""
+    return [_generate(llm, [request])[0] for request in _requests()]
+
+
 # ---- run inside vLLM's worker through LLM.apply_model ----
 
 def _record_carves(model) -> None:
@@ -96,7 +103,7 @@ def vllm_outputs(model_dir):
     """vLLM's own LLaVA, no plugin."""
     llm = _serve(model_dir)
     try:
-        return _generate(llm, _requests())
+        return _generate_one_by_one(llm)
     finally:
         _stop(llm)
 
@@ -105,7 +112,7 @@ def vllm_outputs(model_dir):
 def keep_all_outputs(model_dir):
     llm = _serve(model_dir, budget=NUM_PATCHES)
     try:
-        return _generate(llm, _requests())
+        return _generate_one_by_one(llm)
     finally:
         _stop(llm)
 
@@ -168,14 +175,10 @@ def test_batch_of_different_images_carves_each_on_its_own(carved_run):
 
 
 def test_greedy_outputs_identical_across_runs(carving_llm):
-    """Two runs of the same requests give the same tokens and the same carve, bit for bit.
-
-    The requests go one at a time: vLLM's engine schedules whatever requests have reached it, so a batch
-    sent at once is split into steps by timing, and its CPU vision encoder is not batch invariant.
-    """
+    """Two runs of the same requests give the same tokens and the same carve, bit for bit."""
     runs = []
     for _ in range(2):
-        outputs = [_generate(carving_llm, [request])[0] for request in _requests()]
+        outputs = _generate_one_by_one(carving_llm)
         (records,) = carving_llm.apply_model(_take_records)
         runs.append((outputs, records))
     (first_outputs, first_records), (outputs, records) = runs
