@@ -160,7 +160,8 @@ at::Tensor gather_kv_composite(const at::Tensor& kv, const at::Tensor& keep_idx,
   const at::Tensor in_span_idx = (p - start).clamp(0, std::max<int64_t>(t - 1, 0));
   const at::Tensor span_pos = t > 0 ? start + keep_idx.gather(1, in_span_idx) : p;
   const at::Tensor pos = at::where(p < start, p, at::where(p < start + t, span_pos, p - t + vis_len));
-  return kv.gather(2, pos.view({batch, 1, -1, 1}).expand({batch, kv.size(1), -1, kv.size(3)}));
+  const int64_t out_len = seq_len - vis_len + t;  // explicit: a view of B = 0 rows cannot infer a -1
+  return kv.gather(2, pos.view({batch, 1, out_len, 1}).expand({batch, kv.size(1), out_len, kv.size(3)}));
 }
 
 }  // namespace

@@ -107,3 +107,19 @@ def test_select_and_merge_reject(op, args, exc, message):
 def test_wrapper_passes_errors_through():
     with pytest.raises(ValueError, match="tokencarve::carve: budget must be >= 1"):
         tk.carve(H, A, 0)
+
+
+def test_check_finite_names_the_bad_tensor_with_one_host_sync(monkeypatch):
+    attn = A.clone()
+    attn[1, 3] = float("nan")
+    syncs = []
+    to_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: syncs.append(t) or to_bool(t))
+    tk.carve(H, A, 4)
+    assert len(syncs) == 1  # one read of the device for both inputs
+    with pytest.raises(ValueError, match="^attn holds NaN or Inf"):
+        tk.carve(H, attn, 4)
+    hidden = H.clone()
+    hidden[0, 0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="^hidden holds NaN or Inf"):
+        tk.carve(hidden, attn, 4)  # both bad: the first argument is named

@@ -1,7 +1,7 @@
 """The public entry points: thin wrappers over `torch.ops.tokencarve.*` with shapes in their docstrings.
 
-The ops themselves are sync-free and never raise on values; the wrappers add the one check that must
-read values (`check_finite`, on by default), which syncs a GPU once per call. Pass check_finite=False
+The ops are sync-free on a GPU and never raise on floating-point values; the wrappers add the one check that
+must read them (`check_finite`, on by default), which syncs a GPU once per call. Pass check_finite=False
 in CUDA-graph capture or torch.compile regions; then non-finite inputs are ranked last deterministically.
 """
 
@@ -15,9 +15,17 @@ _ops = torch.ops.tokencarve
 
 
 def _check_finite(**tensors: torch.Tensor) -> None:
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} holds NaN or Inf; pass check_finite=False to rank such tokens last instead")
+    """Raise ValueError naming the first tensor that holds NaN or Inf: one host sync for all of them."""
+    named = {name: t for name, t in tensors.items() if t is not None and t.is_floating_point()}
+    if not named:
+        return
+    if len({t.device for t in named.values()}) > 1:  # the op names the device mismatch; nothing to stack here
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in named.values()])
+    if bool(finite.all()):
+        return
+    name = next(name for name, ok in zip(named, finite.tolist()) if not ok)
+    raise ValueError(f"{name} holds NaN or Inf; pass check_finite=False to rank such tokens last instead")
 
 
 def info_scores(hidden: torch.Tensor, rank: int = 0, seed: int = 0, *, check_finite: bool = True) -> torch.Tensor:
