@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests import ROOT
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")

@@ -1,5 +1,9 @@
 """carve end to end, and the properties every op promises: opcheck, torch.compile, batching, determinism."""
 
+import contextlib
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -7,6 +11,7 @@ import torch
 
 import python_ref
 import tokencarve_kernels as tk
+from tests import ROOT
 from tests.devices import DEVICES, requires_cuda
 from tests.inputs import attention_scores, hidden_states, queries_keys
 
@@ -15,7 +20,7 @@ def _inputs(batch=3, nv=48, dim=40, seed=0, dtype=torch.float32):
     return hidden_states(batch, nv, dim, seed=seed, dtype=dtype), attention_scores(batch, nv, seed=seed)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("nv, dim, budget", [(1, 4, 1), (7, 9, 3), (48, 40, 12), (48, 40, 47), (48, 40, 32), (97, 33, 64), (20, 8, 50)])
 @pytest.mark.parametrize("merge", ["mean", "similarity", "size"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -48,20 +53,48 @@ def test_budget_at_least_nv_returns_input_unchanged(device):
     assert torch.equal(carved.cpu(), hidden) and torch.equal(keep_idx.cpu(), torch.arange(30).expand(2, 30))
 
 
-def test_keep_all_computes_no_score_and_returns_a_copy():
-    hidden, attn = _inputs(2, 30, 16)
+@contextlib.contextmanager
+def _counting_info_scores():
+    """Replace the CPU info_scores kernel by python_ref's, recording each call's input."""
     calls = []
     lib = torch.library.Library("tokencarve", "IMPL")
     try:
-        with warnings.catch_warnings():  # "Overriding a previously registered kernel": the point of the test
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel": the point of the tests
             warnings.simplefilter("ignore", UserWarning)
             lib.impl("info_scores", lambda h, rank=0, seed=0: calls.append(h) or python_ref.info_scores(h), "CPU")
+        yield calls
+    finally:
+        lib._destroy()
+
+
+def test_keep_all_computes_no_score_and_returns_a_copy():
+    hidden, attn = _inputs(2, 30, 16)
+    with _counting_info_scores() as calls:
         carved, _ = tk.carve(hidden, attn, 30)
         assert calls == [] and carved.data_ptr() != hidden.data_ptr()
         tk.carve(hidden, attn, 29)
         assert len(calls) == 1  # the override is live: a carve that prunes does call it
-    finally:
-        lib._destroy()
+
+
+def test_attention_only_computes_no_information_score():
+    hidden, attn = _inputs(2, 30, 16)
+    with _counting_info_scores() as calls:
+        carved, keep_idx = tk.carve(hidden, attn, 8, attn_weight=1.0)
+        assert calls == []
+        tk.carve(hidden, attn, 8, attn_weight=0.99)
+        assert len(calls) == 1
+    ref_carved, ref_keep = python_ref.carve(hidden, attn, 8, attn_weight=1.0)
+    assert torch.equal(keep_idx, ref_keep)
+    torch.testing.assert_close(carved, ref_carved, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_size_mode_equals_mean_inside_carve(device):
+    """carve's sizes are all ones, where the size-weighted mean is the paper's mean."""
+    hidden, attn = _inputs(3, 61, 24, seed=8)
+    size = tk.carve(hidden.to(device), attn.to(device), 17, merge="size")
+    mean = tk.carve(hidden.to(device), attn.to(device), 17, merge="mean")
+    assert torch.equal(size[1], mean[1]) and torch.equal(size[0], mean[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,8 +138,15 @@ def test_empty_batch_gives_empty_outputs(device):
     carved, keep_idx = tk.carve(hidden, attn, 5)
     assert carved.shape == (0, 5, 8) and keep_idx.shape == (0, 5)
     assert tk.info_scores(hidden).shape == (0, 20)
+    order = tk.select(attn, attn, 5)
+    assert order.shape == (0, 7)
+    carved, keep_idx, sizes = tk.merge(hidden, order, 5)
+    assert carved.shape == (0, 5, 8) and keep_idx.shape == (0, 5) and sizes.shape == (0, 5)
     q, k = torch.empty(0, 4, 8, device=device), torch.empty(0, 2, 30, 8, device=device)
     assert tk.last_query_attention(q, k, 3, 10, 0.3).shape == (0, 10)
+    keep_idx = torch.empty(0, 5, dtype=torch.long, device=device)
+    vis_start = torch.empty(0, dtype=torch.long, device=device)
+    assert tk.gather_kv(k, keep_idx, vis_start, 20).shape == (0, 2, 15, 8)
 
 
 def test_nonfinite_inputs_rank_last_deterministically():
@@ -133,6 +173,34 @@ def test_reference_backend_gives_the_same_answer():
     with pytest.raises(ValueError, match="TOKENCARVE_BACKEND must be one of"):
         with tk.use_backend("fast"):
             pass
+
+
+_COUNT_REFERENCE_SELECT = """
+import python_ref
+calls = []
+select = python_ref.select
+python_ref.select = lambda *args, **kwargs: calls.append(1) or select(*args, **kwargs)
+import tokencarve_kernels as tk
+from tests.inputs import attention_scores, hidden_states
+tk.carve(hidden_states(2, 30, 16), attention_scores(2, 30), 8)
+print(len(calls))
+"""
+
+
+@pytest.mark.parametrize("backend, reference_calls", [("auto", "0"), ("ref", "1")])
+def test_backend_switch_is_read_from_the_environment_at_import(backend, reference_calls):
+    env = dict(os.environ, TOKENCARVE_BACKEND=backend)
+    run = subprocess.run([sys.executable, "-c", _COUNT_REFERENCE_SELECT], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == reference_calls
+
+
+def test_unknown_backend_in_the_environment_fails_the_import():
+    env = dict(os.environ, TOKENCARVE_BACKEND="fast")
+    run = subprocess.run([sys.executable, "-c", "import tokencarve_kernels"], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode != 0 and "TOKENCARVE_BACKEND must be one of ('auto', 'ref', 'triton'), got 'fast'" in run.stderr
 
 
 # ---- the op contract: opcheck, torch.compile ----

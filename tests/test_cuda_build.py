@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import ROOT
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 ARCHS = ("80", "90")
 

@@ -4,7 +4,6 @@ import ctypes
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +11,9 @@ import torch
 
 import python_ref
 import tokencarve_kernels as tk
+from tests import ROOT
 from tests.inputs import attention_scores, hidden_states, rel_err
 from tests.test_cuda_build import _setup_flags
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = [(1, 1, 8), (3, 7, 5), (2, 64, 33), (2, 40, 96), (1, 130, 24)]  # Nv < D, Nv > D, Nv = 1
 
