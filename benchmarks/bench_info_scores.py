@@ -15,7 +15,8 @@ symmetric eigendecomposition are Golub and Van Loan's):
                 + (Nv > D) 2 Nv D^2                    the coordinates X V
   python_ref      6 m n^2 + 20 n^3                     thin SVD (R-SVD, computing U1, S, V)
   authors         4 m^2 n + 22 n^3                     SVD with full U and V (R-SVD): the unused D x D V^T
-  randomized      2 Nv D l (2 + 2 q)                   sketch, q = 2 power iterations, projection: l = rank + 16
+  randomized      2 Nv D l (2 + 2 q)                   sketch, q power iterations, projection; l = rank + p
+                                                       (q, p: python_ref.info_scores POWER_ITERATIONS, OVERSAMPLING)
                 + 4 l^2 (Nv (q + 1) + D q) + 2 l^2 D   QRs, the small Gram
                 + 9 l^3 + 2 Nv l k                     its eigh, the coordinates (k = rank)
 Float64 impls are bounded by the float64 matmul rate, the others by the float32 one.
