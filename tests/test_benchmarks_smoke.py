@@ -116,6 +116,14 @@ def test_skips_name_the_reason(tmp_path):
     assert all("--max-case-seconds" in s["reason"] for s in report.skips)
 
 
+def test_dry_run_times_nothing_and_lists_each_impl(tmp_path):
+    report = bench_carve.main(["--shapes", "tiny", "--batch", "1", "--dry-run", "--csv", str(tmp_path / "r.csv"),
+                               "--no-table"])
+    assert report.rows == [] and not (tmp_path / "r.csv").exists()
+    planned = {note.split()[3] for note in report.notes if note.startswith("would time carve ")}
+    assert planned == EXPECTED[bench_carve]["carve"]
+
+
 def test_threads_apply_while_timing_and_are_restored(tmp_path):
     before = torch.get_num_threads()
     report = bench_select.main(["--shapes", "tiny", "--batch", "1", "--threads", "1", "--no-csv", "--no-table"])
