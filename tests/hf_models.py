@@ -35,7 +35,7 @@ def _text_config(family: str, **extra):
     if family == "llama":
         return LlamaConfig(**common)
     if family == "mistral":
-        return MistralConfig(sliding_window=None, **common)
+        return MistralConfig(**{"sliding_window": None, **common})
     raise ValueError(f"text family {family!r}")
 
 
@@ -59,13 +59,14 @@ def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
 LLAVA_IMAGE, LLAVA_PATCH = 32, 8   # 4 x 4 = 16 visual tokens per image
 
 
-def tiny_llava(text: str = "llama", attn: str = "sdpa", seed: int = 0, layers: int = TEXT_LAYERS):
-    """LlavaForConditionalGeneration: CLIP ViT (16 patches, [CLS] dropped) + 2-layer projector + Llama/Mistral."""
+def tiny_llava(text: str = "llama", attn: str = "sdpa", seed: int = 0, layers: int = TEXT_LAYERS, **text_extra):
+    """LlavaForConditionalGeneration: CLIP ViT (16 patches, [CLS] dropped) + 2-layer projector + Llama/Mistral
+    (text_extra: more text-config fields, e.g. Mistral's sliding_window)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=LLAVA_IMAGE, patch_size=LLAVA_PATCH, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=_text_config(text, num_hidden_layers=layers),
+    config = LlavaConfig(vision_config=vision, text_config=_text_config(text, num_hidden_layers=layers, **text_extra),
                          image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_seq_length=16)
     config._attn_implementation = attn

@@ -471,6 +471,46 @@ def test_prompt_without_image_tokens_passes_through():
     assert torch.equal(out, ref) and handle.kept_positions is None
 
 
+def test_quantized_cache_gets_a_clear_error():
+    """transformers' fp8 QuantizedCache needs no extra package; its layers keep no [B, H, N, d] keys to gather."""
+    model, make = FAMILIES["llava-llama"]()
+    inputs = make([[3, "img", 5]])
+    with apply_tokencarve(model, budget=4), torch.no_grad():
+        cache = transformers.QuantizedCache("fp8", model.config)
+        with pytest.raises(NotImplementedError, match="needs a DynamicCache.*Fp8QuantizedLayer.*quantized"):
+            model(**inputs, use_cache=True, **{_cache_arg(model): cache})
+
+
+def test_offloaded_cache_gets_a_clear_error_before_the_forward():
+    model, make = FAMILIES["llava-llama"]()
+    inputs = make([[3, "img", 5]])
+    cache = transformers.DynamicCache(offloading=True)
+    with apply_tokencarve(model, budget=4), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="offloaded DynamicCache .offloading=True.: offloaded caches are not"):
+            model(**inputs, use_cache=True, **{_cache_arg(model): cache})
+    assert cache.get_seq_length() == 0
+
+
+def test_prompt_longer_than_the_sliding_window_gets_a_clear_error():
+    """Mistral with a 24-token window: a 30-token prompt is refused with or without a cache (without one, the
+    layers after the carve would count the window in carved slots); a 21-token prompt carves as usual."""
+    model = hm.tiny_llava("mistral", sliding_window=24)
+    long, short = hm.llava_inputs([[3, "image", 10]]), hm.llava_inputs([[2, "image", 2]])
+    assert long["input_ids"].shape[1] == 30 and short["input_ids"].shape[1] == 21
+    with torch.no_grad():
+        ref = model(**short).logits
+    with torch.no_grad(), apply_tokencarve(model, budget=4):
+        for use_cache in (True, False):
+            with pytest.raises(NotImplementedError, match="30-token prompt is longer than the text model's sliding window .24"):
+                model(**long, use_cache=use_cache)
+        with pytest.raises(NotImplementedError, match="sliding window"):
+            _generate(model, long, n=2)
+        out = model(**short, use_cache=True)
+    assert [entry.keys.shape[-2] for entry in _cache(out).layers] == [21 - 16 + 4] * hm.TEXT_LAYERS
+    with torch.no_grad(), apply_tokencarve(model, budget=16):
+        torch.testing.assert_close(model(**short).logits, ref)
+
+
 def test_demo_tiny_llava_section(capsys):
     from tokencarve_kernels import demo
 
