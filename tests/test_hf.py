@@ -475,8 +475,11 @@ def test_quantized_cache_gets_a_clear_error():
     """transformers' fp8 QuantizedCache needs no extra package; its layers keep no [B, H, N, d] keys to gather."""
     model, make = FAMILIES["llava-llama"]()
     inputs = make([[3, "img", 5]])
-    with apply_tokencarve(model, budget=4), torch.no_grad():
+    try:
         cache = transformers.QuantizedCache("fp8", model.config)
+    except ValueError as error:   # before 5.2x only the quanto and hqq backends, each an extra package
+        pytest.skip(f"no fp8 QuantizedCache in transformers {transformers.__version__}: {error}")
+    with apply_tokencarve(model, budget=4), torch.no_grad():
         with pytest.raises(NotImplementedError, match="needs a DynamicCache.*Fp8QuantizedLayer.*quantized"):
             model(**inputs, use_cache=True, **{_cache_arg(model): cache})
 
