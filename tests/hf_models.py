@@ -35,7 +35,7 @@ def _text_config(family: str, **extra):
     if family == "llama":
         return LlamaConfig(**common)
     if family == "mistral":
-        return MistralConfig(sliding_window=None, **common)
+        return MistralConfig(**{"sliding_window": None, **common})
     raise ValueError(f"text family {family!r}")
 
 
@@ -59,13 +59,14 @@ def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
 LLAVA_IMAGE, LLAVA_PATCH = 32, 8   # 4 x 4 = 16 visual tokens per image
 
 
-def tiny_llava(text: str = "llama", attn: str = "sdpa", seed: int = 0, layers: int = TEXT_LAYERS):
-    """LlavaForConditionalGeneration: CLIP ViT (16 patches, [CLS] dropped) + 2-layer projector + Llama/Mistral."""
+def tiny_llava(text: str = "llama", attn: str = "sdpa", seed: int = 0, layers: int = TEXT_LAYERS, **text_extra):
+    """LlavaForConditionalGeneration: CLIP ViT (16 patches, [CLS] dropped) + 2-layer projector + Llama/Mistral
+    (text_extra: more text-config fields, e.g. Mistral's sliding_window)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=LLAVA_IMAGE, patch_size=LLAVA_PATCH, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=_text_config(text, num_hidden_layers=layers),
+    config = LlavaConfig(vision_config=vision, text_config=_text_config(text, num_hidden_layers=layers, **text_extra),
                          image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_seq_length=16)
     config._attn_implementation = attn
@@ -176,19 +177,24 @@ def tiny_qwen2_vl(version: str = "2", attn: str = "sdpa", seed: int = 0):
 
 def qwen_vl_inputs(prompts: list[list], seed: int = 0, side: str = "left") -> dict:
     """Each ("image", (gh, gw)) is a picture of gh x gw patches of 14 px: gh * gw / 4 visual tokens between
-    <vision_start> and <vision_end>; pixel_values are the flattened patches, as the processor emits them."""
+    <vision_start> and <vision_end>; each ("video", (t, gh, gw)) a clip of t temporal patches (2 frames each):
+    t * gh * gw / 4 video tokens between the same markers. pixel_values(_videos) are the flattened patches, as
+    the processor emits them."""
     gen = torch.Generator().manual_seed(seed)
-    rows, types, patches, grids = [], [], [], []
+    rows, types = [], []
+    media = {"image": ([], []), "video": ([], [])}   # kind -> (patches, grids)
     for prompt in prompts:
         row, kind = [1], [0]
         for item in prompt:
             if isinstance(item, tuple):
-                gh, gw = item[1]
-                n = gh * gw // QWEN_MERGE**2
-                row += [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END]
-                kind += [0] + [1] * n + [0]
-                grids.append([1, gh, gw])
-                patches.append(torch.randn(gh * gw, 3 * QWEN_TEMPORAL * QWEN_PATCH**2, generator=gen))
+                grid = (1, *item[1]) if item[0] == "image" else tuple(item[1])
+                token, token_type = (IMAGE_TOKEN, 1) if item[0] == "image" else (VIDEO_TOKEN, 2)
+                n = grid[0] * grid[1] * grid[2] // QWEN_MERGE**2
+                row += [VISION_START] + [token] * n + [VISION_END]
+                kind += [0] + [token_type] * n + [0]
+                patches, grids = media[item[0]]
+                grids.append(list(grid))
+                patches.append(torch.randn(grid[0] * grid[1] * grid[2], 3 * QWEN_TEMPORAL * QWEN_PATCH**2, generator=gen))
             else:
                 row += _text_tokens(gen, item)
                 kind += [0] * item
@@ -197,6 +203,54 @@ def qwen_vl_inputs(prompts: list[list], seed: int = 0, side: str = "left") -> di
     ids, mask = _pad(rows, side)
     token_types, _ = _pad(types, side)
     out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": token_types}
-    if grids:
-        out.update(pixel_values=torch.cat(patches), image_grid_thw=torch.tensor(grids, dtype=torch.long))
+    for name, values, grid_name in (("image", "pixel_values", "image_grid_thw"),
+                                    ("video", "pixel_values_videos", "video_grid_thw")):
+        patches, grids = media[name]
+        if grids:
+            out.update({values: torch.cat(patches), grid_name: torch.tensor(grids, dtype=torch.long)})
     return out
+
+
+# --------------------------------------------------------------------------------------- refused families
+def tiny_refused(name: str):
+    """A family apply_tokencarve refuses, from a tiny config: "llava-onevision", "qwen3-vl", "gemma3", "idefics2"
+    or "idefics3" (untrained weights: only the class and config matter to the refusal)."""
+    import transformers as tr
+
+    text = dict(hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=2, num_attention_heads=HEADS,
+                num_key_value_heads=KV_HEADS, vocab_size=VOCAB)
+    siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=LLAVA_IMAGE, patch_size=LLAVA_PATCH)
+    idefics_vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=LLAVA_IMAGE, patch_size=LLAVA_PATCH)
+    if name == "llava-onevision":
+        config = tr.LlavaOnevisionConfig(vision_config=siglip, text_config=dict(model_type="qwen2", **text),
+                                         image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN)
+        cls = tr.LlavaOnevisionForConditionalGeneration
+    elif name == "qwen3-vl":
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_DIM,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0])
+        config = tr.Qwen3VLConfig(text_config=dict(head_dim=16, rope_parameters=rope, **text), vision_config=vision,
+                                  image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+                                  vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+        cls = tr.Qwen3VLForConditionalGeneration
+    elif name == "gemma3":
+        config = tr.Gemma3Config(text_config=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, **text),
+                                 vision_config=siglip, mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN,
+                                 boi_token_index=VISION_START, eoi_token_index=VISION_END)
+        cls = tr.Gemma3ForConditionalGeneration
+    elif name == "idefics2":
+        perceiver = dict(hidden_size=TEXT_DIM, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                         resampler_head_dim=16, num_key_value_heads=1)
+        config = tr.Idefics2Config(vision_config=idefics_vision, perceiver_config=perceiver,
+                                   text_config=dict(model_type="mistral", **text), image_token_id=IMAGE_TOKEN)
+        cls = tr.Idefics2ForConditionalGeneration
+    elif name == "idefics3":
+        config = tr.Idefics3Config(vision_config=idefics_vision, text_config=dict(model_type="llama", **text),
+                                   image_token_id=IMAGE_TOKEN)
+        cls = tr.Idefics3ForConditionalGeneration
+    else:
+        raise ValueError(f"refused family {name!r}")
+    torch.manual_seed(0)
+    return cls(config).float().eval()

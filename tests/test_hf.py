@@ -247,6 +247,8 @@ def _single(batch: dict, b: int) -> dict:
         out["mm_token_type_ids"] = batch["mm_token_type_ids"][b, keep][None]
     images_before = sum(_count_images(batch, i) for i in range(b))
     mine = _count_images(batch, b)
+    if mine == 0:
+        return out
     if "image_grid_thw" in batch:
         grids = batch["image_grid_thw"]
         patches = grids.prod(dim=1).tolist()
@@ -267,6 +269,31 @@ def _count_images(batch: dict, b: int) -> int:
     if "image_grid_thw" in batch or "image_sizes" in batch:
         return runs
     return int((ids == hm.IMAGE_TOKEN).sum()) // 16   # LLaVA-1.5: adjacent images share a run
+
+
+def test_batch_with_a_text_only_prompt_generates_what_single_runs_generate():
+    """LLaVA-1.5: a prompt without images between two with images; its row is the unpatched model's."""
+    model, make = FAMILIES["llava-llama"]()
+    prompts = [[2, "img", 9], [7], [1, "img", 4]]
+    batch = make(prompts, seed=1, side="left")
+    n = batch["input_ids"].shape[1]
+    valid = batch["attention_mask"][1].bool()
+    with torch.no_grad():
+        ref = model(**batch).logits[1, valid]
+    with apply_tokencarve(model, budget=3, layer=LAYER) as handle:
+        with torch.no_grad():
+            logits = model(**batch).logits
+        kept = handle.kept_positions
+        together = _generate(model, batch, n=8)
+        alone = [_generate(model, _single(batch, b), n=8) for b in range(len(prompts))]
+    assert "pixel_values" not in _single(batch, 1)
+    # the text-only row holds every position of its prompt, in order, and the other two were carved
+    assert kept.shape[1] == n and torch.equal(kept[1], torch.arange(n))
+    kept_tokens = torch.where(kept >= 0, batch["input_ids"].gather(1, kept.clamp(min=0)), -1)
+    assert ((kept_tokens == hm.IMAGE_TOKEN).sum(dim=1) == torch.tensor([3, 0, 3])).all()
+    torch.testing.assert_close(logits[1, valid], ref, rtol=1e-5, atol=1e-5)
+    for b, tokens in enumerate(alone):
+        assert torch.equal(together[b], tokens[0]), f"sample {b}"
 
 
 @pytest.mark.parametrize("name", ["llava-llama", "qwen2-vl"])
@@ -469,6 +496,144 @@ def test_prompt_without_image_tokens_passes_through():
         with apply_tokencarve(model, budget=4) as handle:
             out = model(**inputs).logits
     assert torch.equal(out, ref) and handle.kept_positions is None
+
+
+@pytest.mark.parametrize("name", ["llava-onevision", "qwen3-vl", "gemma3", "idefics2", "idefics3"])
+def test_families_not_built_for_are_refused(name):
+    """Each needs its own image layout and rope checked: refused by name, nothing left attached."""
+    model = hm.tiny_refused(name)
+    hooks = _hook_count(model)
+    for target in (model, model.model):
+        with pytest.raises(NotImplementedError, match=f"got {type(target).__name__} .model_type '{model.config.model_type}'"):
+            apply_tokencarve(model=target, budget=4)
+    assert _hook_count(model) == hooks and "get_image_features" not in vars(model.model)
+
+
+def test_quantized_cache_gets_a_clear_error():
+    """transformers' fp8 QuantizedCache needs no extra package; its layers keep no [B, H, N, d] keys to gather."""
+    model, make = FAMILIES["llava-llama"]()
+    inputs = make([[3, "img", 5]])
+    try:
+        cache = transformers.QuantizedCache("fp8", model.config)
+    except ValueError as error:   # before 5.2x only the quanto and hqq backends, each an extra package
+        pytest.skip(f"no fp8 QuantizedCache in transformers {transformers.__version__}: {error}")
+    with apply_tokencarve(model, budget=4), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="needs a DynamicCache.*Fp8QuantizedLayer.*quantized"):
+            model(**inputs, use_cache=True, **{_cache_arg(model): cache})
+
+
+def test_offloaded_cache_gets_a_clear_error_before_the_forward():
+    model, make = FAMILIES["llava-llama"]()
+    inputs = make([[3, "img", 5]])
+    cache = transformers.DynamicCache(offloading=True)
+    with apply_tokencarve(model, budget=4), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="offloaded DynamicCache .offloading=True.: offloaded caches are not"):
+            model(**inputs, use_cache=True, **{_cache_arg(model): cache})
+    assert cache.get_seq_length() == 0
+
+
+def test_prompt_longer_than_the_sliding_window_gets_a_clear_error():
+    """Mistral with a 24-token window: a 30-token prompt is refused with or without a cache (without one, the
+    layers after the carve would count the window in carved slots); a 21-token prompt carves as usual."""
+    model = hm.tiny_llava("mistral", sliding_window=24)
+    long, short = hm.llava_inputs([[3, "image", 10]]), hm.llava_inputs([[2, "image", 2]])
+    assert long["input_ids"].shape[1] == 30 and short["input_ids"].shape[1] == 21
+    with torch.no_grad():
+        ref = model(**short).logits
+    with torch.no_grad(), apply_tokencarve(model, budget=4):
+        for use_cache in (True, False):
+            with pytest.raises(NotImplementedError, match="30-token prompt is longer than the text model's sliding window .24"):
+                model(**long, use_cache=use_cache)
+        with pytest.raises(NotImplementedError, match="sliding window"):
+            _generate(model, long, n=2)
+        out = model(**short, use_cache=True)
+    assert [entry.keys.shape[-2] for entry in _cache(out).layers] == [21 - 16 + 4] * hm.TEXT_LAYERS
+    with torch.no_grad(), apply_tokencarve(model, budget=16):
+        torch.testing.assert_close(model(**short).logits, ref)
+
+
+def test_multi_token_steps_on_a_carved_cache_are_refused():
+    """After a carved prefill, a 2-token step or a new prompt with an image is refused before it touches the cache."""
+    model, make = FAMILIES["llava-llama"]()
+    inputs = make([[3, "img", 5]])
+    carved_length = inputs["input_ids"].shape[1] - 16 + 4
+    more = make([[2, "img", 1]], seed=9)
+    with apply_tokencarve(model, budget=4), torch.no_grad():
+        cache = _cache(model(**inputs, use_cache=True))
+        for step in ({"input_ids": torch.tensor([[9, 10]])}, {"input_ids": more["input_ids"], "pixel_values": more["pixel_values"]},
+                     {"inputs_embeds": model.get_input_embeddings()(torch.tensor([[9, 10, 11]]))}):
+            steps = next(iter(step.values())).shape[1]
+            with pytest.raises(NotImplementedError, match=f"a carved cache grows one token per step; got a {steps}-token step"):
+                model(**step, use_cache=True, **{_cache_arg(model): cache})
+            assert cache.get_seq_length() == carved_length
+        model(input_ids=torch.tensor([[9]]), use_cache=True, **{_cache_arg(model): cache})
+    assert cache.get_seq_length() == carved_length + 1
+
+
+def test_prompt_given_as_inputs_embeds_passes_through():
+    """Without input_ids there are no image-token positions to read: the unpatched model's outputs."""
+    model, make = FAMILIES["llava-llama"]()
+    inputs = make([[3, "img", 5], [1, "img", 2]], side="left")
+    embeds = dict(inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]).detach(),
+                  attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"])
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=hm.PAD_TOKEN)
+    with torch.no_grad():
+        ref = model(**embeds).logits
+    ref_tokens = model.generate(**embeds, **gen)
+    with apply_tokencarve(model, budget=4) as handle:
+        with torch.no_grad():
+            out = model(**embeds).logits
+        tokens = model.generate(**embeds, **gen)
+        assert handle.kept_positions is None
+        with torch.no_grad():   # the same prompt as input_ids is carved
+            assert model(**inputs).logits.shape[1] < inputs["input_ids"].shape[1]
+    assert torch.equal(out, ref) and torch.equal(tokens, ref_tokens)
+
+
+def test_prefill_on_a_non_empty_cache_passes_through():
+    """A prompt prefilled in two chunks (text, then the image and the rest) is never carved: the image's chunk
+    starts from a non-empty cache."""
+    model, make = FAMILIES["llava-llama"]()
+    inputs = make([[3, "img", 5]])
+    n = inputs["input_ids"].shape[1]
+
+    def chunked():
+        cache = transformers.DynamicCache()
+        with torch.no_grad():
+            model(input_ids=inputs["input_ids"][:, :4], use_cache=True, **{_cache_arg(model): cache})
+            out = model(input_ids=inputs["input_ids"][:, 4:], pixel_values=inputs["pixel_values"],
+                        attention_mask=inputs["attention_mask"], use_cache=True, **{_cache_arg(model): cache})
+        return out.logits, cache.get_seq_length()
+
+    ref, ref_length = chunked()
+    with apply_tokencarve(model, budget=4) as handle:
+        logits, length = chunked()
+        assert handle.kept_positions is None
+    assert ref_length == length == n
+    assert torch.equal(logits, ref)
+
+
+def test_qwen2_vl_videos_are_never_carved():
+    """A video alone runs as the unpatched model; beside an image, only the image is carved."""
+    model = hm.tiny_qwen2_vl("2")
+    video = hm.qwen_vl_inputs([[3, ("video", (2, 4, 4)), 4]])
+    assert int((video["input_ids"] == hm.VIDEO_TOKEN).sum()) == 8
+    with torch.no_grad():
+        ref = model(**video).logits
+    ref_tokens = _generate(model, video, n=4)
+    with apply_tokencarve(model, budget=3) as handle:
+        with torch.no_grad():
+            out = model(**video).logits
+        tokens = _generate(model, video, n=4)
+        assert handle.kept_positions is None
+        mixed = hm.qwen_vl_inputs([[3, ("image", (4, 8)), 2, ("video", (2, 4, 4)), 4]])
+        with torch.no_grad():
+            model(**mixed)
+        kept = handle.kept_positions[0]
+    assert torch.equal(out, ref) and torch.equal(tokens, ref_tokens)
+    kept_tokens = mixed["input_ids"][0, kept]
+    assert int((kept_tokens == hm.IMAGE_TOKEN).sum()) == 3
+    assert torch.equal(kept[kept_tokens == hm.VIDEO_TOKEN], (mixed["input_ids"][0] == hm.VIDEO_TOKEN).nonzero().squeeze(1))
 
 
 def test_demo_tiny_llava_section(capsys):

@@ -213,6 +213,8 @@ class TokenCarveHandle:
         if model is not core:
             self._hooks.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._layer_kinds = {id(self._layers[i]): _layer_kind(self._text_config, i) for i in range(layer, len(self._layers))}
+        has_sliding = any(_layer_kind(self._text_config, i) == "sliding_attention" for i in range(len(self._layers)))
+        self._window = self._text_config.sliding_window if has_sliding else None
         for i in range(layer, len(self._layers)):
             self._hooks.append(self._layers[i].register_forward_pre_hook(self._before_layer, with_kwargs=True))
         self._had_own_features = "get_image_features" in vars(core)
@@ -274,7 +276,13 @@ class TokenCarveHandle:
         if past == 0:
             if cache is not None:
                 self._decodes.pop(cache, None)   # a reset cache starts over
-            self._prefill = self._plan(input_ids, kwargs.get("attention_mask"), kwargs.get("mm_encoder_outputs"))
+            plan = self._plan(input_ids, kwargs.get("attention_mask"), kwargs.get("mm_encoder_outputs"))
+            if plan is not None and getattr(cache, "offloading", False):
+                # its layers move to the host after each update: refused before any work, not at the gather
+                raise NotImplementedError(
+                    "apply_tokencarve: carving needs a DynamicCache that stays on the model's device; got an offloaded "
+                    f"{type(cache).__name__} (offloading=True): offloaded caches are not supported")
+            self._prefill = plan
             return None
         decode = self._decodes.get(cache)
         if decode is None:
@@ -331,6 +339,11 @@ class TokenCarveHandle:
         ids = input_ids.detach().to("cpu", torch.long)
         if not bool((ids == self._image_token).any()):
             return None
+        if self._window is not None and ids.shape[1] > self._window:
+            # the layers after the carve would count the window in carved slots, not in original positions
+            raise NotImplementedError(
+                f"apply_tokencarve: a {ids.shape[1]}-token prompt is longer than the text model's sliding window "
+                f"({self._window} tokens); prompts longer than a sliding window are not supported")
         if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
             raise NotImplementedError(
                 "apply_tokencarve: carving needs a 2-D attention_mask (or none); got a prepared "
@@ -504,7 +517,9 @@ class TokenCarveHandle:
         """Layers 0 .. layer-1 already hold N entries: keep the same slots (gathered, never merged)."""
         for i in range(self.layer):
             entry = cache.layers[i]
-            held = entry.keys.shape[-2] if isinstance(getattr(entry, "keys", None), torch.Tensor) else None
+            keys = getattr(entry, "keys", None)
+            # quantized layers keep their states elsewhere and leave `keys` an empty 1-D tensor
+            held = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else None
             if not isinstance(entry, DynamicLayer) or held != n:
                 raise NotImplementedError(
                     f"apply_tokencarve: carving needs a DynamicCache whose layers hold the whole prompt; layer {i} is a "
