@@ -139,6 +139,32 @@ def test_unsupported_llava_loads_with_carving_off(case, model_dir, single_rank, 
     assert model.tokencarve_budget == 0
 
 
+def test_pixtral_keeps_vllms_own_processor(model_dir, monkeypatch):
+    """A Pixtral-HF LLaVA gets the processor vLLM's own LLaVA gives it (Pixtral's, its own token counts),
+    carving on or off: TOKENCARVE_VLLM_BUDGET maps vLLM's LLaVA to the plugin for every LLaVA checkpoint."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.plugins import load_general_plugins
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    load_general_plugins()
+
+    def processor(architecture, budget=None):
+        def overrides(config):
+            _pixtral(config)
+            config.architectures = [architecture]
+            if budget is not None:
+                config.tokencarve_budget = budget
+            return config
+
+        made = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=str(model_dir), dtype="float32", hf_overrides=overrides))
+        return type(made).__name__, type(made.info).__name__
+
+    own = processor("LlavaForConditionalGeneration")
+    assert own == ("PixtralHFMultiModalProcessor", "PixtralHFProcessingInfo")
+    assert processor(ARCHITECTURE, 0) == own and processor(ARCHITECTURE, BUDGET) == own
+
+
 _TP_RANK = """
 import sys
 from vllm.config import set_current_vllm_config
