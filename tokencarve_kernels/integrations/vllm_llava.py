@@ -9,15 +9,17 @@ Two subclasses of vLLM's own classes, nothing copied from them:
                                   projector's output with `embedding_carve` (two torch.ops.tokencarve ops,
                                   no host sync, deterministic). Precomputed `image_embeds` pass through
                                   uncarved: their token count is their own.
+Pixtral-HF checkpoints keep vLLM's Pixtral processor (the model refuses to carve them at load).
 """
 
 import torch
-from transformers import CLIPVisionConfig
+from transformers import CLIPVisionConfig, LlavaConfig, PixtralVisionConfig
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
-    LlavaMultiModalProcessor,
     LlavaProcessingInfo,
+    PixtralHFProcessingInfo,
+    _build_llava_or_pixtral_hf_processor,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -50,8 +52,17 @@ def _check_supported(config) -> None:
         )
 
 
+def _processing_info(ctx) -> LlavaProcessingInfo | PixtralHFProcessingInfo:
+    """vLLM's LLaVA serves Pixtral-HF checkpoints with Pixtral's processor; so does this class (the model
+    refuses to carve them at load), or TOKENCARVE_VLLM_BUDGET, which maps every LLaVA here, would break
+    them even where tokencarve_budget=0 turns carving off."""
+    if isinstance(ctx.get_hf_config(LlavaConfig).vision_config, PixtralVisionConfig):
+        return PixtralHFProcessingInfo(ctx)
+    return TokenCarveLlavaProcessingInfo(ctx)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaMultiModalProcessor, info=TokenCarveLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+    _build_llava_or_pixtral_hf_processor, info=_processing_info, dummy_inputs=LlavaDummyInputsBuilder
 )
 class TokenCarveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
