@@ -17,9 +17,10 @@ from transformers import CLIPVisionConfig, LlavaConfig, PixtralVisionConfig
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
     LlavaProcessingInfo,
+    PixtralHFMultiModalProcessor,
     PixtralHFProcessingInfo,
-    _build_llava_or_pixtral_hf_processor,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
@@ -61,8 +62,15 @@ def _processing_info(ctx) -> LlavaProcessingInfo | PixtralHFProcessingInfo:
     return TokenCarveLlavaProcessingInfo(ctx)
 
 
+def _processor(info, dummy_inputs) -> LlavaMultiModalProcessor | PixtralHFMultiModalProcessor:
+    """The processor vLLM's LLaVA picks for the same checkpoint."""
+    if isinstance(info, PixtralHFProcessingInfo):
+        return PixtralHFMultiModalProcessor(info, dummy_inputs)
+    return LlavaMultiModalProcessor(info, dummy_inputs)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
-    _build_llava_or_pixtral_hf_processor, info=_processing_info, dummy_inputs=LlavaDummyInputsBuilder
+    _processor, info=_processing_info, dummy_inputs=LlavaDummyInputsBuilder
 )
 class TokenCarveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
