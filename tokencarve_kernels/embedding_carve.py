@@ -3,7 +3,8 @@
 The variant for serving engines, which fix each image's token count before any decoder layer runs
 (python_ref/embedding_carve.py has the definition): information scores on the projected features, the
 attention term from the vision tower's [CLS] query over the patch keys of the feature layer, then the
-unchanged rank fusion, stage I and stage II. Two ops, no host sync: `last_query_attention` and `carve`.
+unchanged rank fusion, stage I and stage II. Two ops: `last_query_attention` and `carve`
+(sync-free but for the exact information score's eigh on CUDA: one sync per image).
 """
 
 import torch

@@ -7,7 +7,7 @@ Two subclasses of vLLM's own classes, nothing copied from them:
                                   keeps the [CLS] query and the keys of the vision tower's feature layer
                                   (a forward hook on that layer's fused qkv projection), then carves the
                                   projector's output with `embedding_carve` (two torch.ops.tokencarve ops,
-                                  no host sync, deterministic). Precomputed `image_embeds` pass through
+                                  deterministic; on CUDA the exact score's eigh syncs once per image). Precomputed `image_embeds` pass through
                                   uncarved: their token count is their own.
 Pixtral-HF checkpoints keep vLLM's Pixtral processor (the model refuses to carve them at load).
 """
