@@ -43,6 +43,17 @@ def _text_tokens(gen: torch.Generator, n: int) -> list[int]:
     return torch.randint(FIRST_WORD, VOCAB, (n,), generator=gen).tolist()
 
 
+def _token_rows(prompts: list[list], gen: torch.Generator, image_tokens) -> list[list[int]]:
+    """[BOS] + each prompt's items in order: an int n is n random words, any other item image_tokens(item)."""
+    rows = []
+    for prompt in prompts:
+        row = [1]
+        for item in prompt:
+            row += _text_tokens(gen, item) if isinstance(item, int) else image_tokens(item)
+        rows.append(row)
+    return rows
+
+
 def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows of different lengths -> input_ids [B, N], attention_mask [B, N] (padded on `side`)."""
     n = max(map(len, rows))
@@ -77,17 +88,13 @@ def tiny_llava(text: str = "llama", attn: str = "sdpa", seed: int = 0, layers: i
 def llava_inputs(prompts: list[list], seed: int = 0, side: str = "left") -> dict:
     """LLaVA-1.5: each "image" is 16 image tokens and one 3 x 32 x 32 picture."""
     gen = torch.Generator().manual_seed(seed)
-    rows, images = [], []
-    for prompt in prompts:
-        row = [1]
-        for item in prompt:
-            if item == "image":
-                row += [IMAGE_TOKEN] * (LLAVA_IMAGE // LLAVA_PATCH) ** 2
-                images.append(torch.randn(3, LLAVA_IMAGE, LLAVA_IMAGE, generator=gen))
-            else:
-                row += _text_tokens(gen, item)
-        rows.append(row)
-    ids, mask = _pad(rows, side)
+    images = []
+
+    def image(item) -> list[int]:
+        images.append(torch.randn(3, LLAVA_IMAGE, LLAVA_IMAGE, generator=gen))
+        return [IMAGE_TOKEN] * (LLAVA_IMAGE // LLAVA_PATCH) ** 2
+
+    ids, mask = _pad(_token_rows(prompts, gen, image), side)
     out = {"input_ids": ids, "attention_mask": mask}
     if images:
         out["pixel_values"] = torch.stack(images)
@@ -125,17 +132,8 @@ def llava_next_inputs(model, prompts: list[list], seed: int = 0, side: str = "le
         with torch.no_grad():
             features = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
         counts = [f.shape[0] for f in features]
-    rows, k = [], 0
-    for prompt in prompts:
-        row = [1]
-        for item in prompt:
-            if isinstance(item, tuple):
-                row += [IMAGE_TOKEN] * counts[k]
-                k += 1
-            else:
-                row += _text_tokens(gen, item)
-        rows.append(row)
-    ids, mask = _pad(rows, side)
+    image_counts = iter(counts)
+    ids, mask = _pad(_token_rows(prompts, gen, lambda item: [IMAGE_TOKEN] * next(image_counts)), side)
     out = {"input_ids": ids, "attention_mask": mask}
     if sizes:
         out.update(pixel_values=pixel_values, image_sizes=image_sizes)
