@@ -1,7 +1,8 @@
 """The public entry points: thin wrappers over `torch.ops.tokencarve.*` with shapes in their docstrings.
 
-The ops are sync-free on a GPU and never raise on floating-point values; the wrappers add the one check that
-must read them (`check_finite`, on by default), which syncs a GPU once per call. Pass check_finite=False
+The ops never raise on floating-point values and are sync-free on a GPU (but for the exact information
+score's eigh: one sync per image); the wrappers add the one check that must read values (`check_finite`, on
+by default), which syncs a GPU once per call. Pass check_finite=False
 in CUDA-graph capture or torch.compile regions; then non-finite inputs are ranked last deterministically.
 """
 
