@@ -50,11 +50,13 @@ def full_svd_flops(nv: int, d: int) -> float:
     return 4 * m * m * n + 22 * n**3
 
 
-def randomized_flops(nv: int, d: int, rank: int) -> float:
+def randomized_flops(nv: int, d: int, rank: int, oversampling: int = OVERSAMPLING,
+                     power_iterations: int = POWER_ITERATIONS) -> float:
+    """The randomized path on one image [nv, d] (the op's defaults unless given; the study varies them)."""
     m = min(nv, d)
     k = min(rank, m)
-    cols = min(k + OVERSAMPLING, m)
-    q = POWER_ITERATIONS
+    cols = min(k + oversampling, m)
+    q = power_iterations
     return (2 * nv * d * cols * (2 + 2 * q) + 4 * cols**2 * (nv * (q + 1) + d * q) + 2 * cols**2 * d
             + 9 * cols**3 + 2 * nv * cols * k)
 

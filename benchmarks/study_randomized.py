@@ -39,6 +39,7 @@ import time
 import torch
 
 import python_ref
+from benchmarks.bench_info_scores import exact_flops, randomized_flops
 from benchmarks.harness import OUT_DIR, argument_parser, device_name, git_sha, versions
 from python_ref.info_scores import randomized_coordinates
 from tests.inputs import attention_scores, hidden_states
@@ -90,19 +91,6 @@ def selection_stats(info: torch.Tensor, exact_order: torch.Tensor, exact_fused: 
     return len(common) / k1, ab, fused_overlap
 
 
-def flops(nv: int, d: int, l: int, q: int) -> float:
-    """float64 flops of the randomized path: 2 + 2q passes over X, q + 1 QRs of [Nv, l] and q of [D, l]
-    (about 4 m l^2 each with Q formed), the l x l Gram and eigenproblem (about 9 l^3 with vectors), the
-    coordinates."""
-    return (2 + 2 * q) * 2 * nv * d * l + 4 * l * l * ((q + 1) * nv + q * d) + d * l * l + 9 * l**3 + 2 * nv * l * l
-
-
-def exact_flops(nv: int, d: int) -> float:
-    """float64 flops of the exact path: the lower half of the smaller Gram, its eigh, the scoring."""
-    m = min(nv, d)
-    return nv * d * m + 9 * m**3 + (2 * nv * d * m if nv > d else 2 * m * m)
-
-
 def study_one(nv: int, d: int, decay: float, seed: int, grid, writer, meta, budget: int = BUDGET) -> list[dict]:
     x = hidden_states(1, nv, d, seed=seed, decay=decay).double()
     attn = attention_scores(1, nv, seed=seed)
@@ -119,8 +107,8 @@ def study_one(nv: int, d: int, decay: float, seed: int, grid, writer, meta, budg
         if k >= m:
             continue
         for p in oversamplings:
-            l = min(k + p, m)
             for q in power_iterations:
+                cost = randomized_flops(nv, d, k, oversampling=p, power_iterations=q)
                 start = time.perf_counter()
                 coords, _ = randomized_coordinates(x, k, seed, oversampling=p, power_iterations=q)
                 head = coords[0].abs().sum(-1)
@@ -136,7 +124,7 @@ def study_one(nv: int, d: int, decay: float, seed: int, grid, writer, meta, budg
                     overlap, ab, fused = selection_stats(info, exact_order, exact_fused, attn, budget)
                     row = dict(nv=nv, d=d, decay=decay, seed=seed, budget=budget, rank=k, oversampling=p,
                                power_iterations=q, tail=tail, overlap=overlap, ab_agree=ab, fused_overlap=fused,
-                               gflop=flops(nv, d, l, q) / 1e9, flop_ratio=flops(nv, d, l, q) / exact_flops(nv, d),
+                               gflop=cost / 1e9, flop_ratio=cost / exact_flops(nv, d),
                                cpu_s=rand_s, exact_cpu_s=exact_s, **meta)
                     writer.writerow(row)
                     rows.append(row)
@@ -155,7 +143,7 @@ def summarize(rows: list[dict]) -> list[str]:
     configs = []
     for key, rs in groups.items():
         nv, d, _, k, p, q, _ = key
-        cost = flops(nv, d, min(k + p, nv, d), q)
+        cost = randomized_flops(nv, d, k, oversampling=p, power_iterations=q)
         configs.append(dict(zip(("nv", "d", "decay", "rank", "p", "q", "tail"), key),
                             overlap=min(r["overlap"] for r in rs), ab=min(r["ab_agree"] for r in rs),
                             fused=min(r["fused_overlap"] for r in rs), gflop=cost / 1e9,

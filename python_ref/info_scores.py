@@ -18,7 +18,7 @@ import torch
 # Randomized path: oversampling columns beyond the rank, and power iterations, chosen by
 # benchmarks/study_randomized.py (results: benchmarks/study_randomized.md). With one power iteration the
 # path reaches a top-192 overlap of 0.97 in every studied shape where any configuration does (without it,
-# it misses three of the four flatter spectra that some configuration reaches), at 1.0-2.1x the flops of
+# it misses three of the four flatter spectra that some configuration reaches), at 1.0-2.0x the flops of
 # the cheapest configuration of each shape. At an equal sketch width (l = 144, Nv = 576) summing all l
 # coordinates (p = 0) matched summing the top l - 16 (p = 16) within 0.021 of overlap, ahead in 7 of 12
 # settings and tied in 2: oversampled columns are better spent as rank. csrc/cpu/info_scores.cpp holds the
