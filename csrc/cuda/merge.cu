@@ -230,15 +230,13 @@ __device__ void counts_to_offsets(int* offsets, int n, typename Scan::TempStorag
   }
 }
 
-// Scratch of one image, [B, ...] int32 tensors sliced by image.
-struct PlanScratch {
-  int* merge_into;  // [nB]      destination position a of a merged source, -1 for a kept one
-  int* offsets;     // [nA + 1]  destination a's merged sources are sources[offsets[a] .. offsets[a + 1])
-  int* cursor;      // [nA]      next free place in a's list while it is filled
-  int* sources;     // [r]       source positions (in B), grouped by destination, in B order inside a group
-  int* candidate;   // [Nv]      survivor slot (0..K1) of each kept token, -1 otherwise
-  int* slot;        // [T]       survivor slot of output row p
-};
+// The plan's scratch, [B, ...] int32 tensors sliced by image (the *_all arguments):
+//   merge_into [nB]      destination position a of a merged source, -1 for a kept one
+//   offsets    [nA + 1]  destination a's merged sources are sources[offsets[a] .. offsets[a + 1])
+//   cursor     [nA]      next free place in a's list while it is filled
+//   sources    [r]       source positions (in B), grouped by destination, in B order inside a group
+//   candidate  [Nv]      survivor slot (0..K1) of each kept token, -1 otherwise
+//   slot       [T]       survivor slot of output row p
 
 __global__ void __launch_bounds__(kPlanThreads)
     plan_kernel(const int64_t* __restrict__ order, const float* __restrict__ best, const int* __restrict__ target,
@@ -331,15 +329,13 @@ __global__ void __launch_bounds__(kPlanThreads)
 
 constexpr int kRowThreads = 256;
 
-enum class Mode : int { kMean, kSimilarity, kSize };
-
 // The weight of a source in the weighted mean; mirrors merge_image in csrc/cpu/merge.cpp.
-__device__ __forceinline__ double source_weight(Mode mode, float best, double size) {
-  if (mode == Mode::kSimilarity) {
+__device__ __forceinline__ double source_weight(MergeMode mode, float best, double size) {
+  if (mode == MergeMode::kSimilarity) {
     const double m = static_cast<double>(best);
     return m < 0.0 ? 0.0 : m;  // std::max(m, 0.0) of the CPU kernel, -0.0 included
   }
-  return mode == Mode::kSize ? size : 1.0;
+  return mode == MergeMode::kSize ? size : 1.0;
 }
 
 template <typename scalar_t>
@@ -348,7 +344,7 @@ __global__ void __launch_bounds__(kRowThreads)
                       const float* __restrict__ sizes, const float* __restrict__ best,
                       const int* __restrict__ offsets_all, const int* __restrict__ sources_all,
                       const int* __restrict__ slot_all, const int64_t* __restrict__ keep_idx, int num_visual, int k1,
-                      int n_a, int r, int t_out, int offsets_stride, int64_t dim, Mode mode,
+                      int n_a, int r, int t_out, int offsets_stride, int64_t dim, MergeMode mode,
                       scalar_t* __restrict__ carved, float* __restrict__ carved_sizes) {
   const int64_t out_row = blockIdx.x;  // of [B, T]
   const int64_t image = out_row / t_out;
@@ -372,7 +368,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t* image_order = order + image * k1;
   const float* image_best = best + image * n_b;
   const int begin = offsets[c], end = offsets[c + 1];
-  const double w_dst = mode == Mode::kSize ? size_of(token) : 1.0;
+  const double w_dst = mode == MergeMode::kSize ? size_of(token) : 1.0;
   double weight = w_dst, new_size = size_of(token);
   for (int k = begin; k < end; ++k) {
     const int b = sources[k];
@@ -391,14 +387,6 @@ __global__ void __launch_bounds__(kRowThreads)
     out[d] = static_cast<scalar_t>(acc / weight);  // double -> scalar_t as the CPU kernel casts
   }
   if (threadIdx.x == 0) carved_sizes[out_row] = static_cast<float>(new_size);
-}
-
-Mode to_device_mode(MergeMode mode) {
-  switch (mode) {
-    case MergeMode::kSimilarity: return Mode::kSimilarity;
-    case MergeMode::kSize: return Mode::kSize;
-    default: return Mode::kMean;
-  }
 }
 
 }  // namespace
@@ -473,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_cuda(const at::Tensor& hidd
     write_rows_kernel<scalar_t><<<cuda::grid_size(batch * t_out, kMerge), kRowThreads, 0, stream>>>(
         h.data_ptr<scalar_t>(), order_ptr, s.defined() ? s.data_ptr<float>() : nullptr, best.data_ptr<float>(),
         offsets.data_ptr<int>(), sources.data_ptr<int>(), slot.data_ptr<int>(), keep_idx.data_ptr<int64_t>(), nv, k1,
-        n_a, r, t_out, dst_stride + 1, dim, to_device_mode(mode), carved.data_ptr<scalar_t>(),
+        n_a, r, t_out, dst_stride + 1, dim, mode, carved.data_ptr<scalar_t>(),
         carved_sizes.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
