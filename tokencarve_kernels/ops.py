@@ -130,6 +130,11 @@ def last_query_attention_varlen(
     return _ops.last_query_attention_varlen(q, k, cu_seqlens, scale)
 
 
+def ratio_budget(ratio: float, num_visual: int) -> int:
+    """Tokens kept of an image of num_visual tokens at ratio (0, 1]: max(1, ratio * Nv rounded half up)."""
+    return max(1, math.floor(ratio * num_visual + 0.5))
+
+
 def carve_varlen(
     hidden: torch.Tensor,
     attn: torch.Tensor,
@@ -146,7 +151,7 @@ def carve_varlen(
     """Images of different sizes packed along one axis (LLaVA-NeXT tiles, serving batches), each carved alone.
 
     hidden [sum Nv_i, D], attn [sum Nv_i], seqlens = [Nv_i] (host ints: output shapes must not depend on data)
-    and either budgets = [T_i] or ratio (T_i = max(1, round(ratio * Nv_i)))
+    and either budgets = [T_i] or ratio (T_i = ratio_budget(ratio, Nv_i))
     -> carved [sum min(T_i, Nv_i), D], keep_idx [sum min(T_i, Nv_i)] int64, indices within image i, ascending.
     """
     if (budgets is None) == (ratio is None):
@@ -154,7 +159,7 @@ def carve_varlen(
     if ratio is not None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"carve_varlen: ratio must be in (0, 1], got {ratio}")
-        budgets = [max(1, math.floor(ratio * n + 0.5)) for n in seqlens]
+        budgets = [ratio_budget(ratio, n) for n in seqlens]
     if check_finite:
         _check_finite(hidden=hidden, attn=attn)
     return _ops.carve_varlen(hidden, attn, list(seqlens), list(budgets), attn_weight, rank, seed, merge)

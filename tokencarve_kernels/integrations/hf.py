@@ -31,7 +31,6 @@ How it attaches, all on this model instance (nothing in transformers is edited; 
 import copy
 import dataclasses
 import functools
-import math
 import sys
 import weakref
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 import tokencarve_kernels as tk
+from tokencarve_kernels.ops import ratio_budget
 
 try:
     from transformers import AttentionInterface
@@ -78,7 +78,7 @@ def apply_tokencarve(
     Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration (or their base `.model`), with any
     attention implementation; choose the attention implementation before applying.
     budget: tokens kept per image, T = min(budget, Nv) (budget >= Nv keeps every token: the model's outputs
-    are unchanged). ratio (0, 1]: instead of budget, T = max(1, round(ratio * Nv)) per image, for models whose
+    are unchanged). ratio (0, 1]: instead of budget, T = max(1, ratio * Nv rounded half up) per image, for models whose
     images differ in size (LLaVA-NeXT, Qwen2-VL); when given it replaces budget.
     layer: carve between decoder layers `layer - 1` and `layer` (0-based), 1 <= layer < number of layers.
     attn_weight, rank, seed, merge: as in `tokencarve_kernels.carve`.
@@ -385,7 +385,7 @@ class TokenCarveHandle:
                             f"token counts {plan.counts}")
                     if plan.valid is not None and not bool(plan.valid[b, j : j + length].all()):
                         raise ValueError(f"apply_tokencarve: attention_mask masks image tokens of sample {b}")
-                    budget = self.budget if self.ratio is None else max(1, math.floor(self.ratio * length + 0.5))
+                    budget = self.budget if self.ratio is None else ratio_budget(self.ratio, length)
                     images.append(_Image(b, j, length, budget))
                     j += length
         if next(counts, None) is not None:
