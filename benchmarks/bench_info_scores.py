@@ -29,7 +29,7 @@ import torch
 import python_ref
 import tokencarve_kernels as tk
 from benchmarks import harness
-from python_ref.info_scores import OVERSAMPLING, POWER_ITERATIONS
+from python_ref.info_scores import OVERSAMPLING, POWER_ITERATIONS, sketch_cols
 
 EXACT, RANDOMIZED = "info_scores", "info_scores_randomized"
 
@@ -53,9 +53,8 @@ def full_svd_flops(nv: int, d: int) -> float:
 def randomized_flops(nv: int, d: int, rank: int, oversampling: int = OVERSAMPLING,
                      power_iterations: int = POWER_ITERATIONS) -> float:
     """The randomized path on one image [nv, d] (the op's defaults unless given; the study varies them)."""
-    m = min(nv, d)
-    k = min(rank, m)
-    cols = min(k + oversampling, m)
+    k = min(rank, nv, d)
+    cols = sketch_cols(nv, d, rank, oversampling)
     q = power_iterations
     return (2 * nv * d * cols * (2 + 2 * q) + 4 * cols**2 * (nv * (q + 1) + d * q) + 2 * cols**2 * d
             + 9 * cols**3 + 2 * nv * cols * k)

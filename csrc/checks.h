@@ -100,9 +100,22 @@ inline void check_order(const at::Tensor& order, int64_t batch, int64_t k1, cons
 
 // ---- One check per op, called by that op's kernel on every device. ----
 
+// Randomized information scores: oversampling and power iterations (python_ref/info_scores.py holds the
+// same two numbers, and why these), and the sketch width l = min(min(rank, m) + oversampling, m), m = min(Nv, D).
+constexpr int64_t kOversampling = 0;
+constexpr int64_t kPowerIterations = 1;
+
+inline int64_t sketch_cols(int64_t num_visual, int64_t dim, int64_t rank) {
+  const int64_t m = std::min(num_visual, dim);
+  return std::min(std::min(rank, m) + kOversampling, m);
+}
+
 inline void check_info_scores(const at::Tensor& hidden, int64_t rank, int64_t seed) {
   check_hidden(hidden, kInfo);
   check_rank_seed(rank, seed, kInfo);
+  // The sketch's Philox offsets are int32 on every device.
+  TORCH_CHECK_VALUE(rank == 0 || hidden.size(2) * sketch_cols(hidden.size(1), hidden.size(2), rank) < (int64_t{1} << 31),
+                    kInfo, ": the randomized sketch D x (rank + oversampling) must hold fewer than 2^31 entries");
 }
 
 inline void check_select(const at::Tensor& attn, const at::Tensor& info, int64_t budget, double attn_weight) {

@@ -21,7 +21,7 @@ import torch
 # it misses three of the four flatter spectra that some configuration reaches), at 1.0-2.0x the flops of
 # the cheapest configuration of each shape. At an equal sketch width (l = 144, Nv = 576) summing all l
 # coordinates (p = 0) matched summing the top l - 16 (p = 16) within 0.021 of overlap, ahead in 7 of 12
-# settings and tied in 2: oversampled columns are better spent as rank. csrc/cpu/info_scores.cpp holds the
+# settings and tied in 2: oversampled columns are better spent as rank. csrc/checks.h holds the
 # same two numbers.
 OVERSAMPLING = 0
 POWER_ITERATIONS = 1
@@ -112,6 +112,12 @@ def gaussian_sketch(seed: int, rows: int, cols: int) -> torch.Tensor:
     return torch.from_numpy(z.astype(np.float32).reshape(rows, cols))
 
 
+def sketch_cols(num_visual: int, dim: int, rank: int, oversampling: int = OVERSAMPLING) -> int:
+    """Width l of the randomized path's sketch: min(k + oversampling, m), k = min(rank, m), m = min(Nv, D)."""
+    m = min(num_visual, dim)
+    return min(min(rank, m) + oversampling, m)
+
+
 def randomized_coordinates(
     hidden: torch.Tensor,
     rank: int,
@@ -129,9 +135,8 @@ def randomized_coordinates(
     """
     x, finite = _finite_rows(hidden)
     num_visual, dim = x.shape[-2:]
-    m = min(num_visual, dim)
-    k = min(rank, m)
-    cols = min(k + oversampling, m)
+    k = min(rank, num_visual, dim)
+    cols = sketch_cols(num_visual, dim, rank, oversampling)
     omega = gaussian_sketch(seed, dim, cols).to(device=x.device, dtype=torch.float64)
     y = x @ omega
     for _ in range(power_iterations):
@@ -144,21 +149,13 @@ def randomized_coordinates(
     return (basis @ evecs) * evals.clamp_min(0.0).sqrt()[:, None, :], finite
 
 
-def info_scores_randomized(
-    hidden: torch.Tensor,
-    rank: int,
-    seed: int = 0,
-    *,
-    oversampling: int = OVERSAMPLING,
-    power_iterations: int = POWER_ITERATIONS,
-) -> torch.Tensor:
+def info_scores_randomized(hidden: torch.Tensor, rank: int, seed: int = 0) -> torch.Tensor:
     """hidden [B, Nv, D] -> c [B, Nv] float64: the L1 norm of each token's `randomized_coordinates`.
 
-    Exact (to rounding) once rank reaches min(Nv, D). Same seed, same scores on every run. The defaults
-    (OVERSAMPLING, POWER_ITERATIONS) come from benchmarks/study_randomized.py.
+    Exact (to rounding) once rank reaches min(Nv, D). Same seed, same scores on every run. The algorithm's
+    constants (OVERSAMPLING, POWER_ITERATIONS) come from benchmarks/study_randomized.py.
     """
-    coords, finite = randomized_coordinates(
-        hidden, rank, seed, oversampling=oversampling, power_iterations=power_iterations)
+    coords, finite = randomized_coordinates(hidden, rank, seed)
     return _mark_nonfinite(coords.abs().sum(-1), finite)
 
 

@@ -69,6 +69,14 @@ def test_info_scores_rejects():
         torch.ops.tokencarve.info_scores(H.to(torch.complex64))
     with pytest.raises(ValueError, match=r"tokencarve::info_scores: rank must be >= 0"):
         torch.ops.tokencarve.info_scores(H, -1)
+    # D x l = 2^16 x 2^15 = 2^31 sketch entries: too many for int32 Philox offsets, on every device and on meta
+    # (no memory: an empty batch on the CPU, shapes only on meta).
+    for device, batch in (("cpu", 0), ("meta", 1)):
+        hidden = torch.empty(batch, 2**16, 2**16, device=device)
+        with pytest.raises(ValueError, match=r"tokencarve::info_scores: the randomized sketch D x \(rank \+ oversampling\) "
+                                             r"must hold fewer than 2\^31 entries"):
+            torch.ops.tokencarve.info_scores(hidden, 2**15)
+        assert torch.ops.tokencarve.info_scores(hidden, 2**15 - 1).shape == (batch, 2**16)
 
 
 ORDER = torch.ops.tokencarve.select(A, A, 4)  # [2, 6]

@@ -62,7 +62,7 @@ def _triton_kernels() -> dict:
     except ImportError as exc:
         raise ImportError(f"tokencarve: the triton backend needs the triton package ({exc})") from exc
     return {
-        "info_scores": lambda hidden, rank=0, seed=0: kernels.info_scores(hidden, rank, seed),
+        "info_scores": kernels.info_scores,
         "last_query_attention": kernels.last_query_attention,
         "last_query_attention_varlen": kernels.last_query_attention_varlen,
     }

@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,10 +16,6 @@
 
 namespace tokencarve {
 namespace {
-
-// Randomized path constants; python_ref/info_scores.py holds the same two numbers (and why these).
-constexpr int64_t kOversampling = 0;
-constexpr int64_t kPowerIterations = 1;
 
 // Lower triangle of a a^T for a [n, k]: eigh reads only the lower triangle, so row panels skip the
 // blocks above the diagonal (about 35% fewer flops than the full product at n = 576).
@@ -100,12 +95,9 @@ at::Tensor info_scores_cpu(const at::Tensor& hidden, int64_t rank, int64_t seed)
   const int64_t batch = hidden.size(0), num_visual = hidden.size(1), dim = hidden.size(2);
   at::Tensor out = at::empty({batch, num_visual}, hidden.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  const int64_t m = std::min(num_visual, dim);
-  const int64_t k = std::min(rank, m);
-  TORCH_CHECK_VALUE(rank == 0 || dim * std::min(k + kOversampling, m) < (int64_t{1} << 31), kInfo,
-                    ": the randomized sketch D x (rank + oversampling) must hold fewer than 2^31 entries");
+  const int64_t k = std::min(rank, std::min(num_visual, dim));
   const at::Tensor omega =
-      rank > 0 ? gaussian_sketch(seed, dim, std::min(k + kOversampling, m)).to(at::kDouble) : at::Tensor();
+      rank > 0 ? gaussian_sketch(seed, dim, sketch_cols(num_visual, dim, rank)).to(at::kDouble) : at::Tensor();
 
   const at::Tensor h = hidden.contiguous();
   float* out_ptr = out.data_ptr<float>();

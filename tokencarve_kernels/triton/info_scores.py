@@ -32,14 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from python_ref.info_scores import OVERSAMPLING, POWER_ITERATIONS
+from python_ref.info_scores import POWER_ITERATIONS, sketch_cols
 
 from ._common import INTERPRET, check_device, device_guard
 
 # Which axis of an operand runs over tokens (and so is zeroed where a token is not finite).
 _NO_MASK, _MASK_A_ROWS, _MASK_A_COLS = 0, 1, 2
 _MASK_B_ROWS, _MASK_B_COLS = 1, 2
-SKETCH_LIMIT = 1 << 31  # the Philox offsets are int32
 
 
 @triton.jit
@@ -258,9 +257,8 @@ def exact_scores(x: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
 def randomized_scores(x: torch.Tensor, finite: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
     """x [B, Nv, D] -> c [B, Nv] float32 from a seeded rank-`rank` range finder (python_ref's algorithm)."""
     num_visual, dim = x.shape[1:]
-    m = min(num_visual, dim)
-    k = min(rank, m)
-    cols = min(k + OVERSAMPLING, m)
+    k = min(rank, num_visual, dim)
+    cols = sketch_cols(num_visual, dim, rank)
     xt = x.transpose(1, 2)
     y = matmul(x, Sketch(seed, dim, cols), finite, mask_a=_MASK_A_ROWS)
     for _ in range(POWER_ITERATIONS):
@@ -273,22 +271,13 @@ def randomized_scores(x: torch.Tensor, finite: torch.Tensor, rank: int, seed: in
     return row_l1(basis, weights, finite)
 
 
-def check_sketch_size(hidden: torch.Tensor, rank: int) -> None:
-    num_visual, dim = hidden.shape[1:]
-    m = min(num_visual, dim)
-    if rank > 0 and dim * min(min(rank, m) + OVERSAMPLING, m) >= SKETCH_LIMIT:
-        raise ValueError("tokencarve::info_scores: the randomized sketch D x (rank + oversampling) must hold fewer "
-                         "than 2^31 entries")
-
-
 def info_scores(hidden: torch.Tensor, rank: int = 0, seed: int = 0) -> torch.Tensor:
     """hidden [B, Nv, D] float32/float16/bfloat16/float64 -> c [B, Nv] float32.
 
-    rank = 0: exact, c_i = sum_j |U_ij| S_j; rank > 0: randomized with `seed`. Arguments are checked by the
-    caller (backend._checked) except the sketch size, checked here.
+    rank = 0: exact, c_i = sum_j |U_ij| S_j; rank > 0: randomized with `seed`. Arguments, the sketch size
+    included, are checked by the caller (backend._checked runs the Meta kernel's checks).
     """
     check_device(hidden)
-    check_sketch_size(hidden, rank)
     with device_guard(hidden):
         batch, num_visual, dim = hidden.shape
         if batch * num_visual == 0 or dim == 0:
