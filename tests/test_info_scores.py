@@ -12,6 +12,7 @@ import torch
 import python_ref
 import tokencarve_kernels as tk
 from tests import ROOT
+from tests.devices import TRITON_DEVICE, requires_two_cuda
 from tests.inputs import attention_scores, hidden_states, rel_err
 from tests.test_cuda_build import _setup_flags
 
@@ -142,18 +143,9 @@ def test_randomized_op_matches_reference(batch, nv, dim, rank):
 
 # ---- the Triton kernels (tokencarve_kernels/triton), interpreted on the CPU when there is no GPU ----
 
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # references stay on the CPU
-
 
 def _triton_scores(hidden, rank=0, seed=0):
     return tk.info_scores(hidden.to(TRITON_DEVICE), rank=rank, seed=seed, check_finite=False).cpu()
-
-
-@pytest.fixture
-def triton_backend():
-    pytest.importorskip("triton", reason="the triton backend needs the triton package")
-    with tk.use_backend("triton"):
-        yield
 
 
 # Nv = 1; Nv = 7 > D = 5; 575 <= D and 577 > D (both Gram sides, around LLaVA's 576); D = 70, 580
@@ -241,7 +233,7 @@ def test_triton_scores_do_not_depend_on_the_batch(rank, nv, dim, triton_backend,
     assert shapes and all(len(shape) == 2 for shape in shapes), shapes
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (inputs on cuda:1, cuda:0 current)")
+@requires_two_cuda
 @pytest.mark.parametrize("rank", [0, 8])
 def test_triton_launches_on_the_inputs_device(rank, triton_backend):
     # Triton launches on the current device; the kernels must switch to their inputs' device.

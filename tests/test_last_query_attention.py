@@ -5,6 +5,7 @@ import torch
 
 import python_ref
 import tokencarve_kernels as tk
+from tests.devices import TRITON_DEVICE, requires_two_cuda
 from tests.inputs import queries_keys, rel_err
 
 
@@ -77,16 +78,6 @@ def test_varlen_rejects_bad_cu_seqlens():
 
 
 # ---- the Triton kernels (tokencarve_kernels/triton), interpreted on the CPU when there is no GPU ----
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # references stay on the CPU
-
-
-@pytest.fixture
-def triton_backend():
-    pytest.importorskip("triton", reason="the triton backend needs the triton package")
-    with tk.use_backend("triton"):
-        yield
-
 
 def _within_budget(out, q, k, vis_start, vis_len, scale):
     """The kernel's error against float64 is at most twice the reference's own error when the reference
@@ -226,7 +217,7 @@ def test_triton_key_offsets_past_2_31_elements(axis, triton_backend):
     _within_budget(out, q, k, 0, shape[2], 0.25)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (inputs on cuda:1, cuda:0 current)")
+@requires_two_cuda
 def test_triton_launches_on_the_inputs_device(triton_backend):
     # Triton launches on the current device; the kernels must switch to their inputs' device.
     q, k = queries_keys(2, 8, 2, 90, 32, seed=5)

@@ -175,11 +175,11 @@ def _tiling(dot_dtype, block_d: int) -> tuple[int, dict]:
     return KEYS_BLOCK, {}
 
 
-def _launch(q, k, cu_seqlens, out, num_keys, max_len, out_start, out_len, scale, strides_k, stride_os, grid_out):
+def _launch(q, k, cu_seqlens, out, num_keys, out_start, out_len, scale, strides_k, stride_os):
     num_seqs, heads_q, head_dim = q.shape
     heads_k = k.shape[-2] if cu_seqlens is not None else k.shape[1]
     group = heads_q // heads_k
-    num_chunks = triton.cdiv(max_len, CHUNK)
+    num_chunks = triton.cdiv(num_keys, CHUNK)
     stats = torch.empty(2, num_seqs, heads_q, num_chunks, device=q.device, dtype=torch.float64)
     # A fill kernel, not a host-to-device copy: no sync, capturable in a CUDA graph.
     scale_t = torch.full((1,), scale, device=q.device, dtype=torch.float64)
@@ -192,7 +192,7 @@ def _launch(q, k, cu_seqlens, out, num_keys, max_len, out_start, out_len, scale,
     _softmax_stats_kernel[(num_chunks, num_seqs, heads_k)](
         q, k, cu, scale_t, stats[0], stats[1], num_keys, num_chunks, *q.stride(), *strides_k,
         BLOCK_N=keys_block, **meta)
-    _head_mean_probs_kernel[(grid_out, num_seqs)](
+    _head_mean_probs_kernel[(triton.cdiv(out_len, OUT_BLOCK), num_seqs)](
         q, k, cu, scale_t, stats[0], stats[1], out, num_keys, num_chunks, out_start, out_len, *q.stride(),
         *strides_k, stride_os, HEADS_K=heads_k, BLOCK_V=OUT_BLOCK, **meta)
     return out
@@ -211,8 +211,7 @@ def last_query_attention(q: torch.Tensor, k: torch.Tensor, vis_start: int, vis_l
             return out
         # k strides in (sequence, key, head, dim) order.
         strides_k = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
-        return _launch(q, k, None, out, num_keys, num_keys, vis_start, vis_len, scale, strides_k, out.stride(0),
-                       triton.cdiv(vis_len, OUT_BLOCK))
+        return _launch(q, k, None, out, num_keys, vis_start, vis_len, scale, strides_k, out.stride(0))
 
 
 def last_query_attention_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -230,8 +229,7 @@ def last_query_attention_varlen(q: torch.Tensor, k: torch.Tensor, cu_seqlens: to
             return out
         # Grids cover the longest possible sequence (all keys); programs past their sequence's end exit.
         strides_k = (0, k.stride(0), k.stride(1), k.stride(2))
-        return _launch(q, k, cu_seqlens.contiguous(), out, total, total, 0, total, scale, strides_k, 0,
-                       triton.cdiv(total, OUT_BLOCK))
+        return _launch(q, k, cu_seqlens.contiguous(), out, total, 0, total, scale, strides_k, 0)
 
 
 __all__ = ["last_query_attention", "last_query_attention_varlen"]
