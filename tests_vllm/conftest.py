@@ -8,6 +8,8 @@ site/ on PYTHONPATH (see site/sitecustomize.py: why torchvision needs two op sch
 import os
 import sys
 
+import pytest
+
 SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site")
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -16,3 +18,11 @@ if SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SITE, os.environ.get("PYTHONPATH")) if p)
     sys.path.insert(0, SITE)
     import sitecustomize  # noqa: F401,E402  (this process started before PYTHONPATH had it)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The tiny random-weight LLaVA-1.5 every vLLM test serves or builds (tiny_llava.py), saved once."""
+    from tests_vllm.tiny_llava import save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))

@@ -15,12 +15,17 @@ import types
 import pytest
 import torch
 
-from tests_vllm.tiny_llava import IMAGE_TOKEN_ID, NUM_PATCHES, make_image, save_tiny_llava
+from tests_vllm.tiny_llava import IMAGE_TOKEN_ID, NUM_PATCHES, TEXT_HIDDEN, make_image
 from tokencarve_kernels.integrations.vllm import ARCHITECTURE, BUDGET_ENV, budget_for, env_budget
 
 BUDGET = 64
-TEXT_HIDDEN = 128  # tiny_llava's Llama width: what precomputed image embeddings must have
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
+
+
+@pytest.fixture(autouse=True)
+def _no_budget_in_environment(monkeypatch):
+    """Every test starts without TOKENCARVE_VLLM_BUDGET; those about it set it."""
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
 
 
 def test_config_key_wins_over_environment(monkeypatch):
@@ -30,8 +35,7 @@ def test_config_key_wins_over_environment(monkeypatch):
     assert budget_for(types.SimpleNamespace()) == 128
 
 
-def test_unset_means_off(monkeypatch):
-    monkeypatch.delenv(BUDGET_ENV, raising=False)
+def test_unset_means_off():
     assert env_budget() == 0 and budget_for(types.SimpleNamespace()) == 0
 
 
@@ -97,11 +101,6 @@ def _vllm_config(model_dir, budget, edit=None, **engine_args):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
-
-
-@pytest.fixture(scope="module")
 def single_rank(tmp_path_factory):
     """vLLM's distributed state for one CPU rank (its parallel layers read the TP size from it); the plugin
     registered as vLLM registers it in each process."""
@@ -119,34 +118,31 @@ def single_rank(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", UNSUPPORTED)
-def test_unsupported_llava_is_refused_at_load(case, model_dir, single_rank, monkeypatch):
+def test_unsupported_llava_is_refused_at_load(case, model_dir, single_rank):
     from vllm.model_executor.model_loader.utils import initialize_model
 
-    monkeypatch.delenv(BUDGET_ENV, raising=False)
     edit, message = UNSUPPORTED[case]
     with pytest.raises(NotImplementedError, match=message):
         initialize_model(vllm_config=_vllm_config(model_dir, BUDGET, edit))
 
 
 @pytest.mark.parametrize("case", UNSUPPORTED)
-def test_unsupported_llava_loads_with_carving_off(case, model_dir, single_rank, monkeypatch):
+def test_unsupported_llava_loads_with_carving_off(case, model_dir, single_rank):
     """Budget 0 turns carving off for the model: vLLM's own LLaVA supports these towers and strategies,
     so the refusal above is the plugin's, and only when it would carve."""
     from vllm.model_executor.model_loader.utils import initialize_model
 
-    monkeypatch.delenv(BUDGET_ENV, raising=False)
     model = initialize_model(vllm_config=_vllm_config(model_dir, 0, UNSUPPORTED[case][0]))
     assert model.tokencarve_budget == 0
 
 
-def test_pixtral_keeps_vllms_own_processor(model_dir, monkeypatch):
+def test_pixtral_keeps_vllms_own_processor(model_dir):
     """A Pixtral-HF LLaVA gets the processor vLLM's own LLaVA gives it (Pixtral's, its own token counts),
     carving on or off: TOKENCARVE_VLLM_BUDGET maps vLLM's LLaVA to the plugin for every LLaVA checkpoint."""
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.plugins import load_general_plugins
 
-    monkeypatch.delenv(BUDGET_ENV, raising=False)
     load_general_plugins()
 
     def processor(architecture, budget=None):
@@ -208,13 +204,12 @@ def test_tensor_parallelism_is_refused_at_load(model_dir, tmp_path):
 
 # ---- precomputed image embeddings ----
 
-def test_image_embeds_keep_their_own_token_count(model_dir, monkeypatch):
+def test_image_embeds_keep_their_own_token_count(model_dir):
     """The processor gives an image BUDGET placeholders, but precomputed embeddings as many as they have rows."""
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.plugins import load_general_plugins
 
-    monkeypatch.delenv(BUDGET_ENV, raising=False)
     load_general_plugins()
     config = ModelConfig(model=str(model_dir), dtype="float32", enable_mm_embeds=True,
                          hf_overrides={"architectures": [ARCHITECTURE], "tokencarve_budget": BUDGET})
@@ -232,7 +227,6 @@ def test_image_embeds_pass_through_the_model_uncarved(model_dir, single_rank, mo
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader import get_model
 
-    monkeypatch.delenv(BUDGET_ENV, raising=False)
     # vLLM's CPU model runner makes this a no-op before it loads a model (torch has no accelerator here).
     monkeypatch.setattr(torch.accelerator, "empty_cache", lambda: None)
     vllm_config = _vllm_config(model_dir, BUDGET, enable_mm_embeds=True)

@@ -16,7 +16,7 @@ import torch
 from vllm import LLM, SamplingParams
 
 import python_ref
-from tests_vllm.tiny_llava import IMAGE_TOKEN_ID, NUM_PATCHES, make_image, save_tiny_llava
+from tests_vllm.tiny_llava import IMAGE_TOKEN_ID, NUM_PATCHES, make_image
 
 BUDGET = 64
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -92,11 +92,6 @@ def _take_records(model) -> list[dict]:
 
 
 # ---- fixtures: one engine at a time ----
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
-
 
 @pytest.fixture(scope="module")
 def vllm_outputs(model_dir):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 IMAGE_SIZE, PATCH = 336, 14
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2  # 576
+TEXT_HIDDEN = 128  # the Llama's width: what precomputed image embeddings must have
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = 3  # its place in the tokenizer's special tokens below
 WORDS = "user assistant what is in the image describe this picture a an the of and colour shape left right up down".split()
@@ -50,7 +51,7 @@ def save_tiny_llava(path: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
     tokenizer = _tokenizer(vocab_size)
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
                               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=128)
-    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+    text = LlamaConfig(hidden_size=TEXT_HIDDEN, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=4096,
                        bos_token_id=1, eos_token_id=2, pad_token_id=4)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
