@@ -13,6 +13,7 @@
 #include "../checks.h"
 #include "../kernels.h"
 #include "../philox.h"
+#include "rows.h"
 
 namespace tokencarve {
 namespace {
@@ -67,14 +68,9 @@ at::Tensor to_double_zeroing_nonfinite(const scalar_t* image, int64_t num_visual
   at::Tensor x = at::empty({num_visual, dim}, at::kDouble);
   double* dst = x.data_ptr<double>();
   for (int64_t i = 0; i < num_visual; ++i) {
-    bool ok = true;
-    for (int64_t j = 0; j < dim; ++j) {
-      const double v = static_cast<double>(image[i * dim + j]);
-      dst[i * dim + j] = v;
-      ok &= std::isfinite(v);
-    }
-    finite[i] = ok;
-    if (!ok) std::fill(dst + i * dim, dst + (i + 1) * dim, 0.0);
+    std::transform(image + i * dim, image + (i + 1) * dim, dst + i * dim,
+                   [](scalar_t v) { return static_cast<double>(v); });
+    finite[i] = zero_if_nonfinite(dst + i * dim, dim);
   }
   return x;
 }

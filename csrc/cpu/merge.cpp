@@ -20,6 +20,7 @@
 
 #include "../checks.h"
 #include "../kernels.h"
+#include "rows.h"
 
 namespace tokencarve {
 namespace {
@@ -121,10 +122,7 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 void normalise_rows(double* rows, int64_t count, int64_t dim, char* finite) {
   for (int64_t i = 0; i < count; ++i) {
     double* row = rows + i * dim;
-    int bad = 0;
-    for (int64_t j = 0; j < dim; ++j) bad |= !(std::fabs(row[j]) <= std::numeric_limits<double>::max());
-    finite[i] = !bad;
-    if (bad) std::fill(row, row + dim, 0.0);
+    finite[i] = zero_if_nonfinite(row, dim);
     const double norm = std::max(std::sqrt(dot(row, row, dim)), 1e-30);
     for (int64_t j = 0; j < dim; ++j) row[j] /= norm;
   }
