@@ -392,11 +392,10 @@ class TokenCarveHandle:
             raise RuntimeError(f"apply_tokencarve: more image features {plan.counts} than image tokens in the prompt")
         return images
 
-    def _attention(self, plan: _Prefill, images: list[_Image]) -> torch.Tensor:
-        """The last valid token's head-mean attention over each image, packed: [sum Nv_i] float32."""
+    def _attention(self, plan: _Prefill, spans: list[int]) -> torch.Tensor:
+        """The last valid token's head-mean attention at the flat [B * N] positions `spans`: [len(spans)] float32."""
         key, device = plan.key, plan.key.device
         batch, heads_k, n, dim = key.shape
-        spans = [im.sample * n + im.start + i for im in images for i in range(im.length)]
         if plan.valid is None:   # no padding: every sample's last token is token N-1 and sees all N keys
             row = tk.last_query_attention(plan.query, key, 0, n, plan.scale, check_finite=False)   # [B, N]
             return row.reshape(-1)[torch.tensor(spans, device=device)]
@@ -455,8 +454,9 @@ class TokenCarveHandle:
         images = self._images(plan)
         batch, n, dim = hidden.shape
         device = hidden.device
-        attn = self._attention(plan, images)
-        rows = torch.tensor([im.sample * n + im.start + i for im in images for i in range(im.length)], device=device)
+        spans = [im.sample * n + im.start + i for im in images for i in range(im.length)]   # every image's rows, packed
+        attn = self._attention(plan, spans)
+        rows = torch.tensor(spans, device=device)
         kept, carved, keep = self._carve_images(hidden.reshape(batch * n, dim)[rows], attn, images)
 
         # the shorter sequence, laid out on the host: each slot holds an original position, or an image's
