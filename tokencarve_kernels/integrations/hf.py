@@ -461,24 +461,22 @@ class TokenCarveHandle:
 
         # the shorter sequence, laid out on the host: each slot holds an original position, or an image's
         # span start plus its entry in `keep`; samples carved shorter than the longest get leading padding slots
+        by_sample = [[] for _ in range(batch)]
+        for image, t in zip(images, kept):
+            by_sample[image.sample].append((image, t))
         slot_pos, slot_img, slot_valid = [], [], []
-        image_iter, offset = iter(zip(images, kept)), 0
-        next_image = next(image_iter, None)
+        offset = 0   # into `keep`: images in prompt order, samples in order
         for b in range(batch):
-            pos, img = [], []
-            j = 0
-            while j < n:
-                if next_image is not None and next_image[0].sample == b and next_image[0].start == j:
-                    image, t = next_image
-                    pos += [j] * t
-                    img += range(offset, offset + t)
-                    offset += t
-                    j += image.length
-                    next_image = next(image_iter, None)
-                else:
-                    pos.append(j)
-                    img.append(-1)
-                    j += 1
+            pos, img, j = [], [], 0
+            for image, t in by_sample[b]:
+                pos += range(j, image.start)
+                img += [-1] * (image.start - j)
+                pos += [image.start] * t
+                img += range(offset, offset + t)
+                offset += t
+                j = image.start + image.length
+            pos += range(j, n)
+            img += [-1] * (n - j)
             slot_pos.append(pos)
             slot_img.append(img)
         new_len = max(map(len, slot_pos))
