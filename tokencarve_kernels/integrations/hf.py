@@ -31,6 +31,7 @@ How it attaches, all on this model instance (nothing in transformers is edited; 
 import copy
 import dataclasses
 import functools
+import inspect
 import sys
 import weakref
 from collections.abc import Callable
@@ -271,7 +272,7 @@ class TokenCarveHandle:
     def _before_core(self, module, args, kwargs):
         self._prefill = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             if cache is not None:
@@ -498,7 +499,7 @@ class TokenCarveHandle:
             mask = plan.mask.gather(1, src) * valid.to(plan.mask.dtype)
         self.kept_positions = torch.where(valid, src, -1)
 
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         if cache is not None:
             self._gather_cache(cache, src, n)
             self._decodes[cache] = _Decode(length=n, carved_length=new_len, mask=mask)
@@ -565,6 +566,18 @@ class TokenCarveHandle:
             return None
         deltas = deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(device)
         return positions.view(1, 1, -1).expand(3, batch, -1) + deltas
+
+
+def _cache_of(found) -> object | None:
+    """The KV cache in a forward's kwargs or in its output, under `cache` (transformers 5.2x's name) or the older
+    `past_key_values`. A ModelOutput holds only its non-None fields as keys, so an output without a cache falls back."""
+    return found.get("cache", found.get("past_key_values"))
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword model.forward takes a KV cache under: `cache` from transformers 5.2x (the old name is still
+    accepted there), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _feature_counts(features) -> list[int]:
