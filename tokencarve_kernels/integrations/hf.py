@@ -88,8 +88,8 @@ def apply_tokencarve(
     keep_idx ascending indices into the Nv tokens, T <= Nv the same for the n images of a call. It is called
     once per group of images with the same Nv and budget; attn_weight, rank, seed and merge are then unused.
     """
-    family = _family(model)
-    core = model if hasattr(model, "language_model") else model.model
+    core = model if hasattr(model, "language_model") else getattr(model, "model", None)
+    family = _family(model, core)
     text_config = core.language_model.config
     num_layers = len(core.language_model.layers)
     if text_config.model_type not in _FAMILIES[family][1]:
@@ -118,9 +118,8 @@ def apply_tokencarve(
     return TokenCarveHandle(model, core, family, budget, ratio, layer, attn_weight, rank, seed, merge, carve_fn)
 
 
-def _family(model: torch.nn.Module) -> str:
+def _family(model: torch.nn.Module, core) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    core = model if hasattr(model, "language_model") else getattr(model, "model", None)
     if model_type not in _FAMILIES or not hasattr(core, "language_model") or not hasattr(core, "get_image_features"):
         supported = ", ".join(name for name, _, _ in _FAMILIES.values())
         raise NotImplementedError(
@@ -213,9 +212,9 @@ class TokenCarveHandle:
         self._hooks.append(core.register_forward_hook(self._after_core, always_call=True))
         if model is not core:
             self._hooks.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-        self._layer_kinds = {id(self._layers[i]): _layer_kind(self._text_config, i) for i in range(layer, len(self._layers))}
-        has_sliding = any(_layer_kind(self._text_config, i) == "sliding_attention" for i in range(len(self._layers)))
-        self._window = self._text_config.sliding_window if has_sliding else None
+        kinds = [_layer_kind(self._text_config, i) for i in range(len(self._layers))]
+        self._layer_kinds = {id(self._layers[i]): kinds[i] for i in range(layer, len(self._layers))}
+        self._window = self._text_config.sliding_window if "sliding_attention" in kinds else None
         for i in range(layer, len(self._layers)):
             self._hooks.append(self._layers[i].register_forward_pre_hook(self._before_layer, with_kwargs=True))
         self._had_own_features = "get_image_features" in vars(core)
@@ -401,9 +400,7 @@ class TokenCarveHandle:
             row = tk.last_query_attention(plan.query, key, 0, n, plan.scale, check_finite=False)   # [B, N]
             return row.reshape(-1)[torch.tensor(spans, device=device)]
         # padding: each sample's own valid keys, packed, scored by its last valid token (varlen op)
-        keep = plan.valid.clone()
-        for b, last in enumerate(plan.last):
-            keep[b, last + 1 :] = False
+        keep = plan.valid & (torch.arange(n) <= torch.tensor(plan.last)[:, None])   # [B, N]: valid, up to the last
         flat = keep.reshape(-1)
         packed_index = torch.cumsum(flat.long(), 0) - 1      # original flat position -> packed row
         lengths = keep.sum(dim=1)
