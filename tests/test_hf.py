@@ -253,10 +253,8 @@ def _single(batch: dict, b: int) -> dict:
 
 def _count_images(batch: dict, b: int) -> int:
     ids = batch["input_ids"][b]
-    starts = (ids == hm.IMAGE_TOKEN) & (torch.roll(ids, 1) != hm.IMAGE_TOKEN)
-    runs = int(starts.sum())
     if "image_grid_thw" in batch or "image_sizes" in batch:
-        return runs
+        return len(_image_runs(ids))
     return int((ids == hm.IMAGE_TOKEN).sum()) // 16   # LLaVA-1.5: adjacent images share a run
 
 
