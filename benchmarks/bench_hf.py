@@ -23,7 +23,6 @@ benchmarks/out/bench_hf.csv (--csv), with the device, versions and git SHA.
 
 import contextlib
 import functools
-import inspect
 import os
 import statistics
 import time
@@ -34,7 +33,7 @@ import tokencarve_kernels as tk
 from benchmarks import harness
 from benchmarks.bench_carve import authors_carve
 from tokencarve_kernels.demo import NUM_VISUAL, llava_15_config, llava_prompt
-from tokencarve_kernels.integrations.hf import apply_tokencarve
+from tokencarve_kernels.integrations.hf import _cache_kwarg, _cache_of, apply_tokencarve
 
 BUDGETS = (576, 192, 128, 64)
 
@@ -90,10 +89,6 @@ def configured(model, config: dict, layer: int):
         model.config._attn_implementation = "sdpa"
 
 
-def _cache_of(out):
-    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -106,7 +101,7 @@ def prefill(model, inputs):
 
 def decode_rate(model, inputs, device: str, steps: int) -> float:
     """Greedy decode steps per second after one prefill."""
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    arg = _cache_kwarg(model)
     out = prefill(model, inputs)
     cache, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
     _sync(device)

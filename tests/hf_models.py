@@ -14,6 +14,10 @@ import torch
 TEXT_DIM, TEXT_LAYERS, HEADS, KV_HEADS, VOCAB = 64, 4, 4, 2, 160
 IMAGE_TOKEN, PAD_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 3, 0, 4, 5, 6
 FIRST_WORD = 8  # text tokens are drawn from [FIRST_WORD, VOCAB)
+# every tiny text model's shape; the models the tests run (not the refused ones) also get positions and special tokens
+_TEXT_SHAPE = dict(hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=TEXT_LAYERS,
+                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB)
+_TEXT_RUN = dict(_TEXT_SHAPE, max_position_embeddings=512, pad_token_id=PAD_TOKEN, bos_token_id=1, eos_token_id=2)
 
 
 def _finish(model, seed: int):
@@ -28,10 +32,7 @@ def _finish(model, seed: int):
 def _text_config(family: str, **extra):
     from transformers import LlamaConfig, MistralConfig
 
-    common = dict(hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=TEXT_LAYERS,
-                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
-                  max_position_embeddings=512, pad_token_id=PAD_TOKEN, bos_token_id=1, eos_token_id=2)
-    common.update(extra)
+    common = {**_TEXT_RUN, **extra}
     if family == "llama":
         return LlamaConfig(**common)
     if family == "mistral":
@@ -70,14 +71,20 @@ def _pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
 LLAVA_IMAGE, LLAVA_PATCH = 32, 8   # 4 x 4 = 16 visual tokens per image
 
 
+def _clip_vision(image_size: int):
+    """The tiny CLIP ViT of both LLaVA families: image_size px square, LLAVA_PATCH px patches."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=image_size, patch_size=LLAVA_PATCH, projection_dim=32)
+
+
 def tiny_llava(text: str = "llama", attn: str = "sdpa", seed: int = 0, layers: int = TEXT_LAYERS, **text_extra):
     """LlavaForConditionalGeneration: CLIP ViT (16 patches, [CLS] dropped) + 2-layer projector + Llama/Mistral
     (text_extra: more text-config fields, e.g. Mistral's sliding_window)."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=LLAVA_IMAGE, patch_size=LLAVA_PATCH, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=_text_config(text, num_hidden_layers=layers, **text_extra),
+    config = LlavaConfig(vision_config=_clip_vision(LLAVA_IMAGE), text_config=_text_config(text, num_hidden_layers=layers, **text_extra),
                          image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_seq_length=16)
     config._attn_implementation = attn
@@ -108,11 +115,9 @@ NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 def tiny_llava_next(attn: str = "sdpa", seed: int = 0):
     """LlavaNextForConditionalGeneration: anyres tiles, so an image's token count depends on its size."""
-    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=NEXT_TILE, patch_size=LLAVA_PATCH, projection_dim=32)
-    config = LlavaNextConfig(vision_config=vision, text_config=_text_config("llama"), image_token_index=IMAGE_TOKEN,
+    config = LlavaNextConfig(vision_config=_clip_vision(NEXT_TILE), text_config=_text_config("llama"), image_token_index=IMAGE_TOKEN,
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              image_grid_pinpoints=NEXT_PINPOINTS, image_seq_length=16)
     config._attn_implementation = attn
@@ -146,10 +151,7 @@ QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 14, 2, 2
 
 def tiny_qwen2_vl(version: str = "2", attn: str = "sdpa", seed: int = 0):
     """Qwen2VLForConditionalGeneration ("2") or Qwen2_5_VLForConditionalGeneration ("2.5"): 3-D multimodal RoPE."""
-    text = dict(hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=TEXT_LAYERS,
-                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
-                max_position_embeddings=512, pad_token_id=PAD_TOKEN, bos_token_id=1, eos_token_id=2,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = dict(_TEXT_RUN, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     vision = dict(depth=2, hidden_size=32, num_heads=2, in_channels=3, patch_size=QWEN_PATCH,
                   spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL)
     ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
@@ -215,8 +217,7 @@ def tiny_refused(name: str):
     or "idefics3" (untrained weights: only the class and config matter to the refusal)."""
     import transformers as tr
 
-    text = dict(hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=2, num_attention_heads=HEADS,
-                num_key_value_heads=KV_HEADS, vocab_size=VOCAB)
+    text = dict(_TEXT_SHAPE, num_hidden_layers=2)
     siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=LLAVA_IMAGE, patch_size=LLAVA_PATCH)
     idefics_vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

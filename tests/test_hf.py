@@ -3,8 +3,6 @@
 Every test builds its model from a config (tests/hf_models.py): nothing is downloaded.
 """
 
-import inspect
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import python_ref  # noqa: E402
 from tests import hf_models as hm  # noqa: E402
-from tokencarve_kernels.integrations.hf import apply_tokencarve  # noqa: E402
+from tokencarve_kernels.integrations.hf import _cache_kwarg, _cache_of, apply_tokencarve  # noqa: E402
 
 LAYER = 2
 NEW_TOKENS = 20
@@ -51,15 +49,6 @@ FAMILIES = {
 def family(request):
     model, make = FAMILIES[request.param]()
     return request.param, model, make
-
-
-def _cache(out):
-    return out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
-
-
-def _cache_arg(model) -> str:
-    """transformers renamed past_key_values to cache in 5.2x (the old name stays accepted there)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _generate(model, inputs, n=NEW_TOKENS):
@@ -128,7 +117,7 @@ def _check_carved_cache(model, inputs, budget):
     nv = _image_lengths(inputs)[0]
     with apply_tokencarve(model, budget=budget, layer=LAYER) as handle, torch.no_grad():
         out = model(**inputs, use_cache=True)
-        cache = _cache(out)
+        cache = _cache_of(out)
         assert out.logits.shape[1] == n - nv + budget
         assert [entry.keys.shape[-2] for entry in cache.layers] == [n - nv + budget] * len(cache.layers)
         assert handle.kept_positions.shape == (1, n - nv + budget)
@@ -264,10 +253,8 @@ def _single(batch: dict, b: int) -> dict:
 
 def _count_images(batch: dict, b: int) -> int:
     ids = batch["input_ids"][b]
-    starts = (ids == hm.IMAGE_TOKEN) & (torch.roll(ids, 1) != hm.IMAGE_TOKEN)
-    runs = int(starts.sum())
     if "image_grid_thw" in batch or "image_sizes" in batch:
-        return runs
+        return len(_image_runs(ids))
     return int((ids == hm.IMAGE_TOKEN).sum()) // 16   # LLaVA-1.5: adjacent images share a run
 
 
@@ -322,9 +309,9 @@ def test_manual_decode_loop_matches_generate(name):
         expected = _generate(model, inputs, n=6)
         out = model(**inputs, use_cache=True)
         tokens = [out.logits[:, -1].argmax(-1)]
-        cache = _cache(out)
+        cache = _cache_of(out)
         for _ in range(5):
-            out = model(input_ids=tokens[-1][:, None], use_cache=True, **{_cache_arg(model): cache})
+            out = model(input_ids=tokens[-1][:, None], use_cache=True, **{_cache_kwarg(model): cache})
             tokens.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(torch.stack(tokens, dim=1), expected)
 
@@ -418,7 +405,7 @@ def test_llava_next_images_of_different_sizes_carve_by_ratio():
         out = model(**inputs, use_cache=True)
     n = inputs["input_ids"].shape[1]
     expected = n - sum(length for _, length in runs) + sum(kept)
-    assert [entry.keys.shape[-2] for entry in _cache(out).layers] == [expected] * len(_cache(out).layers)
+    assert [entry.keys.shape[-2] for entry in _cache_of(out).layers] == [expected] * len(_cache_of(out).layers)
     for (start, length), t in zip(runs, kept):
         inside = (handle.kept_positions[0] >= start) & (handle.kept_positions[0] < start + length)
         assert int(inside.sum()) == t
@@ -485,7 +472,7 @@ def test_bad_use_gets_clear_errors():
             model(**inputs, labels=inputs["input_ids"])
         static = transformers.StaticCache(config=model.config, max_cache_len=64)
         with pytest.raises(NotImplementedError, match="needs a DynamicCache"), torch.no_grad():
-            model(**inputs, use_cache=True, **{_cache_arg(model): static})
+            model(**inputs, use_cache=True, **{_cache_kwarg(model): static})
 
 
 def test_prompt_without_image_tokens_passes_through():
@@ -519,7 +506,7 @@ def test_quantized_cache_gets_a_clear_error():
         pytest.skip(f"no fp8 QuantizedCache in transformers {transformers.__version__}: {error}")
     with apply_tokencarve(model, budget=4), torch.no_grad():
         with pytest.raises(NotImplementedError, match="needs a DynamicCache.*Fp8QuantizedLayer.*quantized"):
-            model(**inputs, use_cache=True, **{_cache_arg(model): cache})
+            model(**inputs, use_cache=True, **{_cache_kwarg(model): cache})
 
 
 def test_offloaded_cache_gets_a_clear_error_before_the_forward():
@@ -528,7 +515,7 @@ def test_offloaded_cache_gets_a_clear_error_before_the_forward():
     cache = transformers.DynamicCache(offloading=True)
     with apply_tokencarve(model, budget=4), torch.no_grad():
         with pytest.raises(NotImplementedError, match="offloaded DynamicCache .offloading=True.: offloaded caches are not"):
-            model(**inputs, use_cache=True, **{_cache_arg(model): cache})
+            model(**inputs, use_cache=True, **{_cache_kwarg(model): cache})
     assert cache.get_seq_length() == 0
 
 
@@ -547,7 +534,7 @@ def test_prompt_longer_than_the_sliding_window_gets_a_clear_error():
         with pytest.raises(NotImplementedError, match="sliding window"):
             _generate(model, long, n=2)
         out = model(**short, use_cache=True)
-    assert [entry.keys.shape[-2] for entry in _cache(out).layers] == [21 - 16 + 4] * hm.TEXT_LAYERS
+    assert [entry.keys.shape[-2] for entry in _cache_of(out).layers] == [21 - 16 + 4] * hm.TEXT_LAYERS
     with torch.no_grad(), apply_tokencarve(model, budget=16):
         torch.testing.assert_close(model(**short).logits, ref)
 
@@ -559,14 +546,14 @@ def test_multi_token_steps_on_a_carved_cache_are_refused():
     carved_length = inputs["input_ids"].shape[1] - 16 + 4
     more = make([[2, "img", 1]], seed=9)
     with apply_tokencarve(model, budget=4), torch.no_grad():
-        cache = _cache(model(**inputs, use_cache=True))
+        cache = _cache_of(model(**inputs, use_cache=True))
         for step in ({"input_ids": torch.tensor([[9, 10]])}, {"input_ids": more["input_ids"], "pixel_values": more["pixel_values"]},
                      {"inputs_embeds": model.get_input_embeddings()(torch.tensor([[9, 10, 11]]))}):
             steps = next(iter(step.values())).shape[1]
             with pytest.raises(NotImplementedError, match=f"a carved cache grows one token per step; got a {steps}-token step"):
-                model(**step, use_cache=True, **{_cache_arg(model): cache})
+                model(**step, use_cache=True, **{_cache_kwarg(model): cache})
             assert cache.get_seq_length() == carved_length
-        model(input_ids=torch.tensor([[9]]), use_cache=True, **{_cache_arg(model): cache})
+        model(input_ids=torch.tensor([[9]]), use_cache=True, **{_cache_kwarg(model): cache})
     assert cache.get_seq_length() == carved_length + 1
 
 
@@ -600,9 +587,9 @@ def test_prefill_on_a_non_empty_cache_passes_through():
     def chunked():
         cache = transformers.DynamicCache()
         with torch.no_grad():
-            model(input_ids=inputs["input_ids"][:, :4], use_cache=True, **{_cache_arg(model): cache})
+            model(input_ids=inputs["input_ids"][:, :4], use_cache=True, **{_cache_kwarg(model): cache})
             out = model(input_ids=inputs["input_ids"][:, 4:], pixel_values=inputs["pixel_values"],
-                        attention_mask=inputs["attention_mask"], use_cache=True, **{_cache_arg(model): cache})
+                        attention_mask=inputs["attention_mask"], use_cache=True, **{_cache_kwarg(model): cache})
         return out.logits, cache.get_seq_length()
 
     ref, ref_length = chunked()

@@ -132,7 +132,7 @@ def tiny_llava_end_to_end(budget: int = 128) -> dict:
     """Generate with a tiny random LLaVA-1.5 without and with TokenCarve; print both outputs and the savings."""
     from transformers import LlavaForConditionalGeneration
 
-    from .integrations.hf import apply_tokencarve
+    from .integrations.hf import _cache_of, apply_tokencarve
 
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(llava_15_config(4, 128, 2, 64)).eval()
@@ -150,7 +150,7 @@ def tiny_llava_end_to_end(budget: int = 128) -> dict:
         with torch.no_grad():
             out = prefill()   # also the warm-up of this configuration
             prefill_ms = _median_ms(prefill, LLAVA_PREFILL_REPEATS)
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            cache = _cache_of(out)
             tokens = model.generate(**inputs, max_new_tokens=LLAVA_NEW_TOKENS, min_new_tokens=LLAVA_NEW_TOKENS,
                                     do_sample=False, eos_token_id=None, pad_token_id=0)
         return {"tokens": tokens[0, n:].tolist(), "cached": cache.layers[0].keys.shape[-2], "prefill_ms": prefill_ms,

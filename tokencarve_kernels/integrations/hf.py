@@ -31,6 +31,7 @@ How it attaches, all on this model instance (nothing in transformers is edited; 
 import copy
 import dataclasses
 import functools
+import inspect
 import sys
 import weakref
 from collections.abc import Callable
@@ -87,8 +88,8 @@ def apply_tokencarve(
     keep_idx ascending indices into the Nv tokens, T <= Nv the same for the n images of a call. It is called
     once per group of images with the same Nv and budget; attn_weight, rank, seed and merge are then unused.
     """
-    family = _family(model)
-    core = model if hasattr(model, "language_model") else model.model
+    core = model if hasattr(model, "language_model") else getattr(model, "model", None)
+    family = _family(model, core)
     text_config = core.language_model.config
     num_layers = len(core.language_model.layers)
     if text_config.model_type not in _FAMILIES[family][1]:
@@ -117,9 +118,8 @@ def apply_tokencarve(
     return TokenCarveHandle(model, core, family, budget, ratio, layer, attn_weight, rank, seed, merge, carve_fn)
 
 
-def _family(model: torch.nn.Module) -> str:
+def _family(model: torch.nn.Module, core) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    core = model if hasattr(model, "language_model") else getattr(model, "model", None)
     if model_type not in _FAMILIES or not hasattr(core, "language_model") or not hasattr(core, "get_image_features"):
         supported = ", ".join(name for name, _, _ in _FAMILIES.values())
         raise NotImplementedError(
@@ -212,9 +212,9 @@ class TokenCarveHandle:
         self._hooks.append(core.register_forward_hook(self._after_core, always_call=True))
         if model is not core:
             self._hooks.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-        self._layer_kinds = {id(self._layers[i]): _layer_kind(self._text_config, i) for i in range(layer, len(self._layers))}
-        has_sliding = any(_layer_kind(self._text_config, i) == "sliding_attention" for i in range(len(self._layers)))
-        self._window = self._text_config.sliding_window if has_sliding else None
+        kinds = [_layer_kind(self._text_config, i) for i in range(len(self._layers))]
+        self._layer_kinds = {id(self._layers[i]): kinds[i] for i in range(layer, len(self._layers))}
+        self._window = self._text_config.sliding_window if "sliding_attention" in kinds else None
         for i in range(layer, len(self._layers)):
             self._hooks.append(self._layers[i].register_forward_pre_hook(self._before_layer, with_kwargs=True))
         self._had_own_features = "get_image_features" in vars(core)
@@ -271,7 +271,7 @@ class TokenCarveHandle:
     def _before_core(self, module, args, kwargs):
         self._prefill = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             if cache is not None:
@@ -392,18 +392,15 @@ class TokenCarveHandle:
             raise RuntimeError(f"apply_tokencarve: more image features {plan.counts} than image tokens in the prompt")
         return images
 
-    def _attention(self, plan: _Prefill, images: list[_Image]) -> torch.Tensor:
-        """The last valid token's head-mean attention over each image, packed: [sum Nv_i] float32."""
+    def _attention(self, plan: _Prefill, spans: list[int]) -> torch.Tensor:
+        """The last valid token's head-mean attention at the flat [B * N] positions `spans`: [len(spans)] float32."""
         key, device = plan.key, plan.key.device
         batch, heads_k, n, dim = key.shape
-        spans = [im.sample * n + im.start + i for im in images for i in range(im.length)]
         if plan.valid is None:   # no padding: every sample's last token is token N-1 and sees all N keys
             row = tk.last_query_attention(plan.query, key, 0, n, plan.scale, check_finite=False)   # [B, N]
             return row.reshape(-1)[torch.tensor(spans, device=device)]
         # padding: each sample's own valid keys, packed, scored by its last valid token (varlen op)
-        keep = plan.valid.clone()
-        for b, last in enumerate(plan.last):
-            keep[b, last + 1 :] = False
+        keep = plan.valid & (torch.arange(n) <= torch.tensor(plan.last)[:, None])   # [B, N]: valid, up to the last
         flat = keep.reshape(-1)
         packed_index = torch.cumsum(flat.long(), 0) - 1      # original flat position -> packed row
         lengths = keep.sum(dim=1)
@@ -455,30 +452,29 @@ class TokenCarveHandle:
         images = self._images(plan)
         batch, n, dim = hidden.shape
         device = hidden.device
-        attn = self._attention(plan, images)
-        rows = torch.tensor([im.sample * n + im.start + i for im in images for i in range(im.length)], device=device)
+        spans = [im.sample * n + im.start + i for im in images for i in range(im.length)]   # every image's rows, packed
+        attn = self._attention(plan, spans)
+        rows = torch.tensor(spans, device=device)
         kept, carved, keep = self._carve_images(hidden.reshape(batch * n, dim)[rows], attn, images)
 
         # the shorter sequence, laid out on the host: each slot holds an original position, or an image's
         # span start plus its entry in `keep`; samples carved shorter than the longest get leading padding slots
+        by_sample = [[] for _ in range(batch)]
+        for image, t in zip(images, kept):
+            by_sample[image.sample].append((image, t))
         slot_pos, slot_img, slot_valid = [], [], []
-        image_iter, offset = iter(zip(images, kept)), 0
-        next_image = next(image_iter, None)
+        offset = 0   # into `keep`: images in prompt order, samples in order
         for b in range(batch):
-            pos, img = [], []
-            j = 0
-            while j < n:
-                if next_image is not None and next_image[0].sample == b and next_image[0].start == j:
-                    image, t = next_image
-                    pos += [j] * t
-                    img += range(offset, offset + t)
-                    offset += t
-                    j += image.length
-                    next_image = next(image_iter, None)
-                else:
-                    pos.append(j)
-                    img.append(-1)
-                    j += 1
+            pos, img, j = [], [], 0
+            for image, t in by_sample[b]:
+                pos += range(j, image.start)
+                img += [-1] * (image.start - j)
+                pos += [image.start] * t
+                img += range(offset, offset + t)
+                offset += t
+                j = image.start + image.length
+            pos += range(j, n)
+            img += [-1] * (n - j)
             slot_pos.append(pos)
             slot_img.append(img)
         new_len = max(map(len, slot_pos))
@@ -500,7 +496,7 @@ class TokenCarveHandle:
             mask = plan.mask.gather(1, src) * valid.to(plan.mask.dtype)
         self.kept_positions = torch.where(valid, src, -1)
 
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         if cache is not None:
             self._gather_cache(cache, src, n)
             self._decodes[cache] = _Decode(length=n, carved_length=new_len, mask=mask)
@@ -567,6 +563,18 @@ class TokenCarveHandle:
             return None
         deltas = deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(device)
         return positions.view(1, 1, -1).expand(3, batch, -1) + deltas
+
+
+def _cache_of(found) -> object | None:
+    """The KV cache in a forward's kwargs or in its output, under `cache` (transformers 5.2x's name) or the older
+    `past_key_values`. A ModelOutput holds only its non-None fields as keys, so an output without a cache falls back."""
+    return found.get("cache", found.get("past_key_values"))
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword model.forward takes a KV cache under: `cache` from transformers 5.2x (the old name is still
+    accepted there), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _feature_counts(features) -> list[int]:
