@@ -80,7 +80,7 @@ def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.de
 
 def _package(keys) -> str | None:
     """The package's impl label among keys (op, impl): "tokencarve", or "triton" where the op is Triton."""
-    return next((impl for _, impl in keys if impl in ("tokencarve", "triton")), None)
+    return next((impl for _, impl in keys if impl in harness.PACKAGE_IMPLS), None)
 
 
 def ratios(shape, batch, dtype, rows) -> list[str]:

@@ -334,10 +334,11 @@ def append_csv(rows: list[dict], path: str = RESULTS_CSV) -> None:
 # On CUDA the auto backend runs the score ops as Triton kernels (tokencarve_kernels/backend.py): their
 # package rows are labelled "triton" there. Interpreted Triton on the CPU is never timed (meaningless).
 TRITON_OPS = ("info_scores", "info_scores_randomized", "last_query_attention")
+PACKAGE_IMPLS = ("tokencarve", "triton")   # the labels package_impl gives
 
 
 def package_impl(op: str, device: torch.device) -> str:
-    """The impl label of the package's own op on this device."""
+    """The impl label of the package's own op on this device: one of PACKAGE_IMPLS."""
     return "triton" if device.type == "cuda" and op in TRITON_OPS else "tokencarve"
 
 
@@ -437,7 +438,7 @@ def compare_scores(op: str, shape: Shape, batch: int, dtype: str, outputs: dict)
         if o != op or impl == "python_ref":
             continue
         err = inputs.rel_err(out, ref)
-        if impl in ("tokencarve", "triton") and not err <= PACKAGE_TOLERANCE:
+        if impl in PACKAGE_IMPLS and not err <= PACKAGE_TOLERANCE:
             raise AssertionError(f"{op} {impl} at {label(shape, batch)} {dtype}: rel err {err:.1e} vs python_ref")
         errs.append(f"{impl} {err:.1e}")
     return [f"{op} {label(shape, batch)} {dtype}: rel err vs python_ref: {', '.join(errs)}"]
