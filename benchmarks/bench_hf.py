@@ -177,7 +177,7 @@ def report(configs: list[dict], model, n: int, layer: int, decode: int, gpu: boo
         row = {k: v for k, v in config.items() if k not in ("carve_fn", "patch")}
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
         row["kv_ratio"] = row["kv_bytes"] / base["kv_bytes"]
-        row["flop_speedup"] = 1.0 if config is base else flop_speedup(model.config, n, row["budget"], layer)
+        row["flop_speedup"] = flop_speedup(model.config, n, row["budget"], layer)
         row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"] if decode else None
         line = (f"{row['config']:<36} {row['carved_len']:>5} {row['prefill_ms']:>10.1f} {row['prefill_speedup']:>7.2f}x "
                 f"{row['flop_speedup']:>8.2f}x {row['kv_ratio']:>9.3f}")
