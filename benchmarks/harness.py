@@ -521,10 +521,18 @@ def _sweep(name, args, cases_fn, check_fn, ratios_fn) -> Report:
             print(line)
         report.notes += lines
     if not args.no_table:
-        print_table(summarize(report.rows), SUMMARY_COLUMNS)
-        print("\n".join(n for n in report.notes if n.startswith("would time")))
-        print_skips(report.skips)
+        print_summary(report, [n for n in report.notes if n.startswith("would time")])
     return report
+
+
+def print_summary(report: Report, notes: list[str]) -> None:
+    """The end of a sweep or of a set of sweeps: the table of report's rows (with summarize's speed-ups), a blank
+    line, the given notes, the skips with their reasons."""
+    print_table(summarize(report.rows), SUMMARY_COLUMNS)
+    print()
+    if notes:
+        print("\n".join(notes))
+    print_skips(report.skips)
 
 
 def print_skips(skips: list[dict]) -> None:
