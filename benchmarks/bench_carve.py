@@ -54,9 +54,8 @@ def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.de
     e = harness.element_size(dtype)
     io = batch * (e * nv * d + e * t * d + 4 * nv + 8 * t)
     merge_bytes, merge_flops = bench_merge.cost(shape, batch, dtype)
-    m, n = max(nv, d), min(nv, d)
-    ref_peak = batch * 8 * (3 * nv * d + 2 * m * n)
-    authors_peak = 4 * (2 * nv * d + m * m + n * n) + batch * 8 * 3 * nv * d
+    ref_peak = bench_info_scores.thin_svd_peak(nv, d, batch)
+    authors_peak = bench_info_scores.full_svd_peak(nv, d) + bench_merge.ref_peak(shape, batch)
     package = harness.package_impl(OP, device)
     part_attn, part_info = scores(shape, batch, device)
     return [
@@ -75,13 +74,13 @@ def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.de
                      lambda: tk.merge(x, tk.select(part_attn, part_info, t, check_finite=False), t, check_finite=False),
                      merge_bytes, merge_flops, "fp64"),
         harness.Case(PARTS, "python_ref", lambda: python_ref.merge(x, python_ref.select(part_attn, part_info, t), t),
-                     merge_bytes, merge_flops, "fp64", peak_bytes=batch * 8 * 3 * nv * d),
+                     merge_bytes, merge_flops, "fp64", peak_bytes=bench_merge.ref_peak(shape, batch)),
     ]
 
 
 def _package(keys) -> str | None:
     """The package's impl label among keys (op, impl): "tokencarve", or "triton" where the op is Triton."""
-    return next((impl for _, impl in keys if impl in ("tokencarve", "triton")), None)
+    return next((impl for _, impl in keys if impl in harness.PACKAGE_IMPLS), None)
 
 
 def ratios(shape, batch, dtype, rows) -> list[str]:

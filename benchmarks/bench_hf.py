@@ -17,7 +17,8 @@ tokens, the others on N - 576 + T; the vision tower is outside it).
     python -m benchmarks.bench_hf --layers 2 --dim 64 --layer 1 --repeats 3   # seconds: the script runs
 
 Prefills are timed by benchmarks/harness.py (measure_many: the configurations take turns, so a change in the
-machine's load shifts all of them alike; CUDA events on a GPU). One row per configuration is appended to
+machine's load shifts all of them alike; CUDA events on a GPU), 5 times each on the CPU and 10 on a GPU unless
+--repeats says otherwise. One row per configuration is appended to
 benchmarks/out/bench_hf.csv (--csv), with the device, versions and git SHA.
 """
 
@@ -172,7 +173,7 @@ def report(configs: list[dict], model, n: int, layer: int, decode: int, gpu: boo
         row = {k: v for k, v in config.items() if k not in ("carve_fn", "patch")}
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
         row["kv_ratio"] = row["kv_bytes"] / base["kv_bytes"]
-        row["flop_speedup"] = 1.0 if config is base else flop_speedup(model.config, n, row["budget"], layer)
+        row["flop_speedup"] = flop_speedup(model.config, n, row["budget"], layer)
         row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"] if decode else None
         line = (f"{row['config']:<36} {row['carved_len']:>5} {row['prefill_ms']:>10.1f} {row['prefill_speedup']:>7.2f}x "
                 f"{row['flop_speedup']:>8.2f}x {row['kv_ratio']:>9.3f}")
@@ -186,21 +187,13 @@ def report(configs: list[dict], model, n: int, layer: int, decode: int, gpu: boo
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = harness.argument_parser(__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser = harness.common_arguments(harness.argument_parser(__doc__), repeats=None, max_seconds=60.0,
+                                      csv=os.path.join(harness.OUT_DIR, "bench_hf.csv"), devices=["cpu", "cuda"])
     parser.add_argument("--layers", type=int, default=None, help="text decoder layers (default: 8 on CPU, 32 on GPU)")
     parser.add_argument("--dim", type=int, default=None, help="text hidden size (default: 1024 on CPU, 4096 on GPU)")
     parser.add_argument("--layer", type=int, default=2, help="carve between decoder layers layer-1 and layer")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help=f"timed prefills per configuration, {harness.MIN_RUNS} at least (default 5 CPU, 10 GPU)")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="timing budget per configuration: fewer prefills (not under %d) where they are slower"
-                        % harness.MIN_RUNS)
     parser.add_argument("--decode", type=int, default=None, help="decode steps timed (default 0 on CPU, 64 on GPU)")
     parser.add_argument("--no-authors", action="store_true", help="skip the eager + full-SVD emulation")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--csv", default=os.path.join(harness.OUT_DIR, "bench_hf.csv"), help="results file (appended)")
-    parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
     with harness.cpu_threads(args.threads):
         return run(args)

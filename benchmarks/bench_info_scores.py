@@ -50,6 +50,18 @@ def full_svd_flops(nv: int, d: int) -> float:
     return 4 * m * m * n + 22 * n**3
 
 
+def thin_svd_peak(nv: int, d: int, batch: int) -> float:
+    """Bytes live at once in python_ref's float64 thin SVD of a batch of [nv, d] images: their copies, the factors."""
+    m, n = max(nv, d), min(nv, d)
+    return batch * 8 * (3 * nv * d + 2 * m * n)
+
+
+def full_svd_peak(nv: int, d: int) -> float:
+    """Bytes live at once in the authors' float32 full SVD of one [nv, d] image (they score one at a time)."""
+    m, n = max(nv, d), min(nv, d)
+    return 4 * (2 * nv * d + m * m + n * n)
+
+
 def randomized_flops(nv: int, d: int, rank: int, oversampling: int = OVERSAMPLING,
                      power_iterations: int = POWER_ITERATIONS) -> float:
     """The randomized path on one image [nv, d] (the op's defaults unless given; the study varies them)."""
@@ -63,20 +75,19 @@ def randomized_flops(nv: int, d: int, rank: int, oversampling: int = OVERSAMPLIN
 def cases(shape: harness.Shape, batch: int, dtype: torch.dtype, device: torch.device, args) -> list:
     x = harness.hidden(shape, batch, dtype, device)
     nv, d = shape.num_visual, shape.dim
-    m, n = max(nv, d), min(nv, d)
+    n = min(nv, d)
     io = batch * (harness.element_size(dtype) * nv * d + 4 * nv)
     threads = 1 if device.type == "cuda" else min(batch, torch.get_num_threads())
     # What is live at once: float64 copies of the images in flight, the Gram or the factors.
     op_peak = threads * 8 * (nv * d + 3 * n * n)
-    ref_peak = batch * 8 * (3 * nv * d + 2 * m * n)
-    authors_peak = 4 * (2 * nv * d + m * m + n * n)
+    ref_peak = thin_svd_peak(nv, d, batch)
     out = [
         harness.Case(EXACT, harness.package_impl(EXACT, device), lambda: tk.info_scores(x, check_finite=False), io, batch * exact_flops(nv, d),
                      harness.package_flop_dtype(device), "Gram + eigh", op_peak),
         harness.Case(EXACT, "python_ref", lambda: python_ref.info_scores(x), io, batch * thin_svd_flops(nv, d), "fp64",
                      "float64 thin SVD", ref_peak),
         harness.Case(EXACT, "authors", lambda: python_ref.authors_info_scores(x), io, batch * full_svd_flops(nv, d),
-                     "fp32", "float32 SVD, full_matrices=True", authors_peak),
+                     "fp32", "float32 SVD, full_matrices=True", full_svd_peak(nv, d)),
     ]
     if args.rank > 0:
         rank = args.rank

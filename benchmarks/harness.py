@@ -334,10 +334,11 @@ def append_csv(rows: list[dict], path: str = RESULTS_CSV) -> None:
 # On CUDA the auto backend runs the score ops as Triton kernels (tokencarve_kernels/backend.py): their
 # package rows are labelled "triton" there. Interpreted Triton on the CPU is never timed (meaningless).
 TRITON_OPS = ("info_scores", "info_scores_randomized", "last_query_attention")
+PACKAGE_IMPLS = ("tokencarve", "triton")   # the labels package_impl gives
 
 
 def package_impl(op: str, device: torch.device) -> str:
-    """The impl label of the package's own op on this device."""
+    """The impl label of the package's own op on this device: one of PACKAGE_IMPLS."""
     return "triton" if device.type == "cuda" and op in TRITON_OPS else "tokencarve"
 
 
@@ -383,26 +384,41 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def common_arguments(p: argparse.ArgumentParser, *, repeats: int | None, max_seconds: float, csv: str = RESULTS_CSV,
+                     threads: bool = True, devices: list[str] | None = None) -> argparse.ArgumentParser:
+    """The options of every script that times something: --device, --threads, --repeats, --max-seconds, --csv,
+    --no-csv, with the script's defaults.
+
+    repeats None: the script picks it by device after parsing (its docstring says how). threads False: no
+    --threads (the script sets the threads itself). devices: the accepted --device values (default: any)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=devices,
+                   help="where to time (default: cuda where there is one, else cpu)")
+    if threads:
+        p.add_argument("--threads", type=int, help="torch CPU threads while timing (default: torch's). 1 is steadier on "
+                       "a shared machine: a parallel region's threads wait for each other, and a busy core stalls them all")
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help=f"timed calls per case at most, {MIN_RUNS} at least (default: "
+                   + ("%(default)s)" if repeats is not None else "by device, as the text below says)"))
+    p.add_argument("--max-seconds", type=float, default=max_seconds,
+                   help=f"timing budget per case and point: fewer calls (not under {MIN_RUNS}) where they are slower "
+                   "(default: %(default)s)")
+    p.add_argument("--csv", default=csv, help="results file (appended)")
+    p.add_argument("--no-csv", action="store_true", help="append no rows")
+    return p
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """The command line every bench script shares."""
-    p = argument_parser(doc)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = common_arguments(argument_parser(doc), repeats=10, max_seconds=10.0)
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--shapes", nargs="+", default=list(STANDARD_SHAPES), choices=list(SHAPES))
     p.add_argument("--full", action="store_true", help=f"shapes {', '.join(FULL_SHAPES)} (overrides --shapes)")
     p.add_argument("--impls", nargs="+", help="run only these implementations (default: all)")
-    p.add_argument("--threads", type=int, help="torch CPU threads while timing (default: torch's). 1 is steadier on a "
-                   "shared machine: a parallel region's threads wait for each other, and a busy core stalls them all")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per impl at most")
-    p.add_argument("--max-seconds", type=float, default=10.0,
-                   help="timing budget per impl and point; every impl gets %d calls at least" % MIN_RUNS)
     p.add_argument("--max-case-seconds", type=float, default=120.0,
                    help="skip an impl whose floor alone, over its %d calls, exceeds this" % (MIN_RUNS + 1))
     p.add_argument("--dry-run", action="store_true",
                    help="time nothing: list what would be timed (with its floor) and what would be skipped, and why")
-    p.add_argument("--csv", default=RESULTS_CSV, help="results file (appended)")
-    p.add_argument("--no-csv", action="store_true")
     p.add_argument("--no-table", action="store_true", help="print no table at the end (benchmarks.run prints one)")
     return p
 
@@ -437,7 +453,7 @@ def compare_scores(op: str, shape: Shape, batch: int, dtype: str, outputs: dict)
         if o != op or impl == "python_ref":
             continue
         err = inputs.rel_err(out, ref)
-        if impl in ("tokencarve", "triton") and not err <= PACKAGE_TOLERANCE:
+        if impl in PACKAGE_IMPLS and not err <= PACKAGE_TOLERANCE:
             raise AssertionError(f"{op} {impl} at {label(shape, batch)} {dtype}: rel err {err:.1e} vs python_ref")
         errs.append(f"{impl} {err:.1e}")
     return [f"{op} {label(shape, batch)} {dtype}: rel err vs python_ref: {', '.join(errs)}"]
@@ -520,10 +536,18 @@ def _sweep(name, args, cases_fn, check_fn, ratios_fn) -> Report:
             print(line)
         report.notes += lines
     if not args.no_table:
-        print_table(summarize(report.rows), SUMMARY_COLUMNS)
-        print("\n".join(n for n in report.notes if n.startswith("would time")))
-        print_skips(report.skips)
+        print_summary(report, [n for n in report.notes if n.startswith("would time")])
     return report
+
+
+def print_summary(report: Report, notes: list[str]) -> None:
+    """The end of a sweep or of a set of sweeps: the table of report's rows (with summarize's speed-ups), a blank
+    line, the given notes, the skips with their reasons."""
+    print_table(summarize(report.rows), SUMMARY_COLUMNS)
+    print()
+    if notes:
+        print("\n".join(notes))
+    print_skips(report.skips)
 
 
 def print_skips(skips: list[dict]) -> None:

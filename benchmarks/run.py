@@ -48,11 +48,12 @@ def combined(reports: dict[str, harness.Report]) -> harness.Report:
     return out
 
 
-def results_markdown(args, argv: list[str], reports: dict[str, harness.Report], seconds: float) -> str:
+def results_markdown(args, argv: list[str], reports: dict[str, harness.Report], report: harness.Report,
+                     seconds: float) -> str:
+    """The generated block of RESULTS.md; report: the reports combined."""
     device = torch.device(args.device)
     ceil = harness.ceilings(str(device))
     ver = harness.versions()
-    report = combined(reports)
     command = " ".join(["python -m benchmarks.run", *argv])
     skips = [f"- {s['op']} / {s['impl']} at {s['shape']} {s['dtype']}: {s['reason']}" for s in report.skips]
     checks = [line for name, r in reports.items() if name != "bench_carve" for line in r.notes]
@@ -117,13 +118,10 @@ def _main(args, argv: list[str]) -> harness.Report:
     report = combined(reports)
     if table:
         print()
-        harness.print_table(harness.summarize(report.rows), harness.SUMMARY_COLUMNS)
-        print()
-        print("\n".join(reports["bench_carve"].notes))
-        harness.print_skips(report.skips)
+        harness.print_summary(report, reports["bench_carve"].notes)
         print(f"\n{len(report.rows)} rows in {seconds / 60:.1f} min" + ("" if args.no_csv else f", appended to {args.csv}"))
     if args.results:
-        write_results(args.results, torch.device(args.device).type, results_markdown(args, argv, reports, seconds))
+        write_results(args.results, torch.device(args.device).type, results_markdown(args, argv, reports, report, seconds))
         print(f"rewrote the tables of {args.results}")
     if args.plot:
         from benchmarks import plot

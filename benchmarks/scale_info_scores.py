@@ -28,8 +28,8 @@ import torch
 import python_ref
 import tokencarve_kernels  # noqa: F401  (registers the ops)
 from benchmarks.bench_info_scores import exact_flops, randomized_flops
-from benchmarks.harness import (OUT_DIR, PACKAGE_TOLERANCE, RESULTS_CSV, Row, append_csv, argument_parser, cpu_threads,
-                                device_name, measure_many)
+from benchmarks.harness import (OUT_DIR, PACKAGE_TOLERANCE, Row, append_csv, argument_parser, common_arguments,
+                                cpu_threads, device_name, measure_many)
 from tests.inputs import hidden_states, rel_err
 
 
@@ -69,19 +69,14 @@ def plot(curves: dict[str, list[tuple[int, float]]], dim: int, device: str, path
 
 def main(argv=None) -> dict[str, list[tuple[int, float]]]:
     """Returns the curves: {"exact" or "rank k": [(Nv, median ms), ...]}."""
-    parser = argument_parser(__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # No --threads: one thread on the CPU, whose process time is then the work of one call.
+    parser = common_arguments(argument_parser(__doc__), repeats=5, max_seconds=60.0, threads=False)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--ranks", default="128,256", help="randomized ranks to time beside the exact score")
     parser.add_argument("--nvs", default=None, help="comma-separated Nv values (default: D/4 .. 16 D)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per point (3 at least)")
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="timing budget per call and point")
     parser.add_argument("--png", default=None)
-    parser.add_argument("--csv", default=RESULTS_CSV, help="results file (appended)")
-    parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
-    # One thread on the CPU: its process time is then the work of one call.
     with cpu_threads(1 if torch.device(args.device).type == "cpu" else None):
         return run(args)
 

@@ -230,21 +230,15 @@ def study(args, batch: int) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     """Returns every row: harness.Row.complete's columns, plus EXTRA_COLUMNS (in the CSV, the note says them)."""
-    parser = harness.argument_parser(__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = harness.common_arguments(harness.argument_parser(__doc__), repeats=10, max_seconds=10.0)
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--nv", type=int, default=576)
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--dtype", default="bf16", choices=list(harness.DTYPES))
     parser.add_argument("--decay", type=float, default=7.0, help="the spectrum spans 10^-decay")
     parser.add_argument("--budget", type=int, default=128, help="T: the selection checked is python_ref.select's at T")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per part at most")
-    parser.add_argument("--max-seconds", type=float, default=10.0, help="timing budget per part and batch size")
-    parser.add_argument("--threads", type=int, help="torch CPU threads while timing (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (" + ", ".join(
         f"{k} {v}" for k, v in SMOKE.items()) + "): checks that the script runs")
-    parser.add_argument("--csv", default=harness.RESULTS_CSV, help="results file (appended)")
-    parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)

@@ -41,6 +41,6 @@ def test_benchmark(benchmark, module, key):
                                 device=harness.device_name(DEVICE))
     out = benchmark(case.fn)
     # The package's outputs against python_ref's (the baselines' own deviations are reported by the scripts).
-    if case.impl in ("tokencarve", "triton") and (case.op, "python_ref") in _cases(module):
+    if case.impl in harness.PACKAGE_IMPLS and (case.op, "python_ref") in _cases(module):
         lines = module.check(SHAPE, BATCH, DTYPE, {key: out, (case.op, "python_ref"): _reference(module, case.op)})
         assert lines, "the check compared nothing"
