@@ -285,6 +285,9 @@ def test_carve_varlen_ratio_and_errors():
     hidden, attn = torch.randn(sum(seqlens), 16), torch.rand(sum(seqlens))
     carved, keep_idx = tk.carve_varlen(hidden, attn, seqlens, ratio=128 / 576)
     assert carved.shape == (128 + 640, 16) and keep_idx.shape == (768,)
+    # halves round up, and every image keeps at least one token: 0.5 * 5 -> 3, 0.5 * 3 -> 2, 0.1 * 3 -> 1
+    halves = tk.carve_varlen(hidden[:8], attn[:8], [5, 3], ratio=0.5)[1]
+    assert halves.shape == (5,) and tk.carve_varlen(hidden[:6], attn[:6], [3, 3], ratio=0.1)[1].shape == (2,)
     with pytest.raises(ValueError, match="exactly one of budgets"):
         tk.carve_varlen(hidden, attn, seqlens)
     with pytest.raises(ValueError, match=r"hidden and attn must hold sum\(seqlens\) = 3456 rows, got 3456 and 3455"):
